@@ -191,8 +191,9 @@ _class_sums_op.register_autograd(_class_sums_backward, setup_context=_class_sums
 @torch.library.custom_op("sfmkern::flow_loss_and_grad", mutates_args=(), schema=_FLOW_LOSS_SCHEMA)
 def _flow_loss_and_grad_op(sums, counts, real_flow, anchor, anchor_weight):
     if backend_for(sums) == "torch":
-        return _with_autograd(reference.flow_loss_and_grad, sums.device, sums, counts, real_flow, anchor=anchor,
-                              anchor_weight=anchor_weight)
+        loss, grad = _with_autograd(reference.flow_loss_and_grad, sums.device, sums, counts, real_flow, anchor=anchor,
+                                    anchor_weight=anchor_weight)
+        return loss, grad.contiguous()  # autograd lays G out after the inputs' strides; the op promises contiguous
     c, d = _validate.validate_flow_loss(sums, counts, real_flow)
     anchored = _anchor_active(anchor, anchor_weight, c, d, sums.device)
     return _kernels().flow_loss_and_grad_triton(sums, counts.contiguous(), real_flow,
@@ -209,7 +210,7 @@ def _flow_loss_and_grad_fake(sums, counts, real_flow, anchor, anchor_weight):
 @torch.library.custom_op("sfmkern::feature_grad", mutates_args=(), schema=_FEATURE_GRAD_SCHEMA)
 def _feature_grad_op(grad, counts, labels, scale, dtype):
     if backend_for(grad) == "torch":
-        return reference.feature_grad(grad, counts, labels, scale=scale, dtype=dtype)
+        return reference.feature_grad(grad, counts, labels, scale=scale, dtype=dtype).contiguous()
     _validate.validate_feature_grad(grad, counts, labels, scale, dtype)
     counts = None if counts is None else counts.contiguous()
     return _kernels().feature_grad_triton(grad, counts, labels.contiguous(), scale=scale, dtype=dtype)
@@ -243,7 +244,7 @@ def _sfm_loss_torch(features, labels, real_flow, anchor, anchor_weight, determin
     if compute_grad:
         loss, grad = _with_autograd(reference.flow_loss_and_grad, features.device, sums, counts, real_flow,
                                     anchor=target, anchor_weight=weight)
-        return loss, grad, counts
+        return loss, grad.contiguous(), counts
     _validate.validate_flow_loss(sums, counts, real_flow)  # what reference.flow_loss_and_grad checks first
     loss = reference.flow_loss(sums / counts.to(acc)[:, None], real_flow, target, weight)
     return loss, torch.zeros_like(sums), counts
