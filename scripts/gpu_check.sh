@@ -10,7 +10,7 @@
 # GPU_CHECK_BUDGET (seconds for all parts: 480 on a GPU, 1200 in CPU mode), GPU_CHECK_LOG_DIR (per-part logs, the
 # appended RESULTS.md text and summary.md; default a fresh /tmp dir), GPU_CHECK_GIT_SHA (used when .git is not
 # there), GPU_CHECK_MODEL (default vit_base_patch14_dinov2), GPU_CHECK_RUNTIME_GRID / GPU_CHECK_MEMORY_GRID (CxIPCxA
-# lists), GPU_CHECK_CHUNK (two-phase chunk, default 128 views).
+# lists), GPU_CHECK_CHUNK (two-phase chunk, default 128 views), GPU_CHECK_KERNEL_TESTS (more test files, compiled).
 # Installs nothing and reaches no network: it runs on the python3 it finds (torch 2.11 + Triton 3.6 as on the lent
 # H200 machines, or the pinned torch 2.14 + Triton 3.8), builds the C++ decoder only if it is missing and cmake,
 # pkg-config, libturbojpeg and libspng are there, and otherwise skips the one part that needs it (stats), saying so.
@@ -19,8 +19,9 @@
 #   setup    device, driver, torch/Triton/CUDA versions, git sha; sfmkern.kernels importable; decoder present or built
 #   tests    TRITON_INTERPRET=0 pytest -m gpu tests (tests/test_gpu.py: compiled kernels vs float64 over D 768..4096,
 #            C 2..1000, skewed classes, sorted/unsorted, fp32/bf16/fp16; CUDA step == CPU step; no host sync in a
-#            step under sync_debug_mode=error; tests/test_ops.py's CUDA test), then the kernel test files
-#            (tests/test_kernels_*.py, tests/test_ops_grid.py) with TRITON_INTERPRET=0, i.e. compiled on CUDA tensors
+#            step under sync_debug_mode=error; tests/test_ops.py's CUDA test; any other test marked gpu), then the
+#            files in GPU_CHECK_KERNEL_TESTS, also with TRITON_INTERPRET=0 (only files that put their tensors on CUDA
+#            when not interpreting: tests/test_ops_grid.py asserts the interpreter and would fail falsely)
 #   kernels  benchmarks/kernels.py --quick: class_sums and sfm_loss, sfmkern vs torch eager vs torch.compile, GB/s
 #            against the measured copy bandwidth
 #   runtime  benchmarks/runtime.py: ViT-B/14 at 224 px (random weights), 4 methods, MFU at C=1000
@@ -146,13 +147,13 @@ CHUNK=${GPU_CHECK_CHUNK:-128}
 RUNTIME_GRID=${GPU_CHECK_RUNTIME_GRID:-100x1x3 100x10x1 1000x1x1 1000x10x1}
 MEMORY_GRID=${GPU_CHECK_MEMORY_GRID:-100x1x3 100x1x1 1000x1x1}
 NOAPP=(); [ "$APPEND" = 0 ] && NOAPP=(--no-append)
-KERNEL_TESTS=$(ls tests/test_kernels_*.py tests/test_ops_grid.py 2>/dev/null | tr '\n' ' ')
+KERNEL_TESTS=${GPU_CHECK_KERNEL_TESTS:-}
 
 for part in $PARTS; do
   if [ "$MODE" = gpu ]; then
     case $part in
       tests)
-        PART_NOTE="pytest -m gpu + ${KERNEL_TESTS:-no kernel test files} compiled"
+        PART_NOTE="pytest -m gpu${KERNEL_TESTS:+ + $KERNEL_TESTS}, compiled"
         KT=":"; [ -n "$KERNEL_TESTS" ] && KT="'$PY' -m pytest -q -rfEs -p no:cacheprovider $KERNEL_TESTS"
         run_part tests 150 env TRITON_INTERPRET=0 bash -c \
           "'$PY' -m pytest -q -s -rfEs -p no:cacheprovider -m gpu tests && $KT" ;;
