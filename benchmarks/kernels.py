@@ -96,8 +96,8 @@ def sfmkern_label(features: torch.Tensor) -> str:
 def bench_class_sums(record, timer, device, gen, n, d, c, *, compile_):
     from sfmkern import ops, reference
 
-    features = torch.randn(n, d, generator=gen).to(device)
-    labels = torch.randint(0, c, (n,), generator=gen).to(device)
+    features = torch.randn(n, d, generator=gen, device=device)
+    labels = torch.randint(0, c, (n,), generator=gen, device=device)
     labels_sorted = labels.sort().values
     nbytes = n * d * features.element_size() + 8 * n + 4 * c * d + 8 * c
     shape = f"N={n} D={d} C={c} fp32"
@@ -119,8 +119,9 @@ def bench_sfm_loss(record, timer, device, gen, n, flow, dtype, *, compile_):
     from sfmkern import ops, reference
 
     c, d = flow.shape
-    labels = torch.cat([torch.arange(c), torch.randint(0, c, (n - c,), generator=gen)]).sort().values.to(device)
-    features = torch.randn(n, d, generator=gen).to(device=device, dtype=dtype).requires_grad_(True)
+    labels = torch.cat([torch.arange(c, device=device),
+                        torch.randint(0, c, (n - c,), generator=gen, device=device)]).sort().values
+    features = torch.randn(n, d, generator=gen, device=device).to(dtype).requires_grad_(True)
     one_way = n * d * features.element_size() + 8 * n + 4 * c * d
     shape = f"N={n} D={d} C={c} {str(dtype).removeprefix('torch.')}"
     providers = [("torch eager", lambda x: reference.sfm_loss(x, labels, flow))]
@@ -185,11 +186,16 @@ def main(argv=None) -> int:
         extra = f" {gbs:7.0f} GB/s ({100 * gbs / bandwidth:.0f}% copy)" if bandwidth else ""
         print(f"{bench:17s} {shape:30s} {provider:38s} {ms:9.4f} ms{extra}", flush=True)
 
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(device=device).manual_seed(0)
+    if not args.no_compile:  # one graph per shape, dtype and grad mode: allow them all (torch 2.11 and 2.14 names)
+        from torch._dynamo import config as dynamo_config
+
+        name = next(n for n in ("recompile_limit", "cache_size_limit") if hasattr(dynamo_config, n))
+        setattr(dynamo_config, name, 64)
     sums_shapes, loss_ns, dtypes, c = shapes(device, args.quick)
     for n, d in sums_shapes:
         bench_class_sums(record, timer, device, gen, n, d, c, compile_=not args.no_compile)
-    flow = ops.real_flow(torch.randn(c, 768, generator=gen).to(device))
+    flow = ops.real_flow(torch.randn(c, 768, generator=gen, device=device))
     for n in loss_ns:
         for dtype in dtypes:
             bench_sfm_loss(record, timer, device, gen, n, flow, dtype, compile_=not args.no_compile)
