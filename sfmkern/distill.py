@@ -364,7 +364,7 @@ class Distiller:
         a = self.config.augs
         lo, hi = v0 // a, (v1 - 1) // a + 1
         part = views.select(slice(v0, v1))
-        return lo, hi, augment.Views(part.source - lo, part.theta, part.noise_on, part.noise_seed)
+        return lo, hi, part.rebased(lo)
 
     def _augment(self, images: torch.Tensor, views: augment.Views) -> torch.Tensor:
         cfg = self.config
@@ -451,6 +451,7 @@ class Distiller:
         self._grow_to(self.step_count)
         if views is None:
             views = self.draw_views()
+        views = views.to(self.device)  # the step's augmentation parameters: one pinned, non-blocking copy
         for level in self.images.levels:
             if level.grad is None:
                 level.grad = torch.zeros_like(level)

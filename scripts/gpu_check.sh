@@ -1,0 +1,223 @@
+#!/usr/bin/env bash
+# scripts/gpu_check.sh — the one-shot device check: correctness of the compiled kernels and of a CUDA distillation
+# step, then the figures (kernel GB/s, step memory and time with MFU, statistics pass), in one command:
+#
+#     bash scripts/gpu_check.sh                # on a machine with one CUDA GPU: <= 8 minutes, appends to RESULTS.md
+#     bash scripts/gpu_check.sh --cpu          # the CPU-safe parts only (what runs anyway without a GPU), < 90 s
+#
+# Options: --cpu (CPU-safe parts even with a GPU), --no-append (GPU run without touching benchmarks/RESULTS.md),
+# --parts "tests kernels runtime memory stats" (a subset, in that order), -h. Environment: PYTHON (default python3),
+# GPU_CHECK_BUDGET (seconds for all parts: 480 on a GPU, 1200 in CPU mode), GPU_CHECK_LOG_DIR (per-part logs, the
+# appended RESULTS.md text and summary.md; default a fresh /tmp dir), GPU_CHECK_GIT_SHA (used when .git is not
+# there), GPU_CHECK_MODEL (default vit_base_patch14_dinov2), GPU_CHECK_RUNTIME_GRID / GPU_CHECK_MEMORY_GRID (CxIPCxA
+# lists), GPU_CHECK_CHUNK (two-phase chunk, default 128 views), GPU_CHECK_KERNEL_TESTS (more test files, compiled).
+# Installs nothing and reaches no network: it runs on the python3 it finds (torch 2.11 + Triton 3.6 as on the lent
+# H200 machines, or the pinned torch 2.14 + Triton 3.8), builds the C++ decoder only if it is missing and cmake,
+# pkg-config, libturbojpeg and libspng are there, and otherwise skips the one part that needs it (stats), saying so.
+#
+# Parts (GPU mode), each under its own `timeout` (cap, or what is left of GPU_CHECK_BUDGET) and one summary line:
+#   setup    device, driver, torch/Triton/CUDA versions, git sha; sfmkern.kernels importable; decoder present or built
+#   tests    TRITON_INTERPRET=0 pytest -m gpu tests (tests/test_gpu.py: compiled kernels vs float64 over D 768..4096,
+#            C 2..1000, skewed classes, sorted/unsorted, fp32/bf16/fp16; CUDA step == CPU step; no host sync in a
+#            step under sync_debug_mode=error; tests/test_ops.py's CUDA test; any other test marked gpu), then the
+#            files in GPU_CHECK_KERNEL_TESTS, also with TRITON_INTERPRET=0 (only files that put their tensors on CUDA
+#            when not interpreting: tests/test_ops_grid.py asserts the interpreter and would fail falsely)
+#   kernels  benchmarks/kernels.py --quick: class_sums and sfm_loss, sfmkern vs torch eager vs torch.compile, GB/s
+#            against the measured copy bandwidth
+#   runtime  benchmarks/runtime.py: ViT-B/14 at 224 px (random weights), 4 methods, MFU at C=1000
+#   memory   benchmarks/memory.py: the same model, peak memory per step, OOM reported as such
+#   stats    benchmarks/stats.py: the statistics pass end to end vs forward-only on 1024 JPEGs
+# A part fails on a failed test, a non-zero exit or its timeout; the script then exits 1. Performance goals missed
+# (PASS/FAIL lines in RESULTS.md) are findings, not failures.
+#
+# GPU time estimate (H200: ~4.3 TB/s copy, ~790 TFLOP/s bf16 dense measured here; ViT-B/14 at 224 px = 257 tokens,
+# F ≈ 46 GFLOP per view forward; steps cost ≈ LGM 4F, public SFM 3F, sfmkern single 2F, two-phase+ckpt 3.7F per view;
+# assumed ≈ 350 TFLOP/s achieved under bf16 autocast; ~8 s per fresh Python+CUDA+model process):
+#   setup      ~15 s (a decoder build, if it happens, ~60 s more)                                          cap 120 s
+#   tests      ~90 s: pytest start ~10 s; ~30 Triton compilations ~1.5 s each; 72+6 grid cases of at most 16M elements
+#              (ms each) and float64 references; 4 tiny-ViT steps; the kernel grid files, compile-bound        cap 150 s
+#   kernels    ~100 s: copy 2 GiB/4.3 TB/s = 0.5 ms; class_sums reads 3.9 GB ≈ 1 ms; do_bench ≈ 0.15 s per row ×
+#              ~40 rows = 6 s; 5 torch.compile graphs (fwd+bwd) ~15 s each                                   cap 150 s
+#   runtime    ~70 s: per round 100x1x3 (300 views × 12.7F) + 100x10x1 and 1000x1x1 (1000 × 12.7F each) +
+#              1000x10x1 (10000 × 3.7F two-phase; the others OOM after ~700 views) ≈ 68k F ≈ 3.2 PFLOP ≈ 9 s;
+#              3 rounds (warm-up, timed, FLOP count) + 8192³ matmul peak + model load                        cap 150 s
+#   memory     ~110 s: 12 (method, config) processes × ~8 s + ≈ 5k F of steps (~1.5 s)                     cap 150 s
+#   stats      ~40 s: 1024 JPEGs written (~5 s), decoded on 16 cores, 2 repeats of 1024 × F = 48 TFLOP   cap 90 s
+#   total      ~7 min expected; GPU_CHECK_BUDGET=480 s stops the parts there (each left out counts as a failure).
+# CPU mode (no CUDA device): setup, the GPU tests collected and skipped, kernels.py / runtime.py / memory.py / stats.py
+# on tiny CPU cases with --no-append/--no-write; measured ~60 s on 2 idle cores (docs/profiling.md).
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 2
+ROOT=$PWD
+PY=${PYTHON:-python3}
+MODE=auto
+APPEND=1
+PARTS="tests kernels runtime memory stats"
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --cpu) MODE=cpu ;;
+    --no-append) APPEND=0 ;;
+    --parts) shift; PARTS=${1:?--parts needs a list, e.g. "tests kernels"} ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    *) echo "gpu_check: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+for p in $PARTS; do
+  case "$p" in tests|kernels|runtime|memory|stats) ;; *) echo "gpu_check: unknown part '$p'" >&2; exit 2 ;; esac
+done
+
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 OMP_WAIT_POLICY=PASSIVE
+LOG_DIR=${GPU_CHECK_LOG_DIR:-$(mktemp -d /tmp/gpu_check.XXXXXX)}
+mkdir -p "$LOG_DIR"
+START=$(date +%s)
+RESULTS=benchmarks/RESULTS.md
+RESULTS_SIZE=$(stat -c %s "$RESULTS" 2>/dev/null || echo 0)
+SUMMARY=()
+FAILED=0
+
+line() { printf '%s\n' "$*"; SUMMARY+=("$*"); }
+
+# run_part NAME CAP CMD...: the command under `timeout min(CAP, time left)`, output to stdout and LOG_DIR/NAME.log
+run_part() {
+  local name=$1 cap=$2; shift 2
+  local left=$((DEADLINE - $(date +%s)))
+  if [ "$left" -lt 20 ]; then
+    line "$(printf '%-8s NOT RUN  (budget of %ss spent)' "$name" "$BUDGET")"; FAILED=1; return 1
+  fi
+  local limit=$((cap < left ? cap : left)) t0 rc
+  t0=$(date +%s)
+  echo "=== gpu_check: $name (timeout ${limit}s): $*" | tee -a "$LOG_DIR/$name.log"
+  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG_DIR/$name.log"
+  rc=${PIPESTATUS[0]}
+  local dt=$(($(date +%s) - t0)) status=PASS
+  if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then status="TIMEOUT"; FAILED=1
+  elif [ "$rc" -ne 0 ]; then status="FAIL(rc=$rc)"; FAILED=1; fi
+  line "$(printf '%-8s %-8s %4ss  %s' "$name" "$status" "$dt" "${PART_NOTE:-}")"
+  PART_NOTE=""
+  return "$rc"
+}
+
+# ------------------------------------------------------------------------------------------------ setup
+{
+  echo "=== gpu_check: setup ($(date -u '+%Y-%m-%d %H:%M UTC'))"
+  if ! "$PY" -c "import sfmkern.kernels" 2>/dev/null && [ -d kernels ] && [ ! -e sfmkern/kernels ]; then
+    # an editable install maps kernels/ to sfmkern.kernels; a bare copy of the tree (device machines) has no link
+    ln -s ../kernels sfmkern/kernels && echo "setup: linked sfmkern/kernels -> ../kernels (untracked)"
+  fi
+} 2>&1 | tee -a "$LOG_DIR/setup.log"
+INFO=$("$PY" - <<'EOF' 2>&1
+import importlib, torch
+cuda = torch.cuda.is_available()
+try:
+    triton = importlib.import_module("triton").__version__
+except ImportError:
+    triton = "none"
+name = torch.cuda.get_device_name(0) if cuda else "no CUDA device"
+print(f"{int(cuda)}|{name}|torch {torch.__version__}, Triton {triton}, CUDA {torch.version.cuda}")
+import sfmkern.kernels  # noqa: F401  (fails loudly if the package is broken)
+EOF
+)
+if [ $? -ne 0 ]; then echo "$INFO"; echo "gpu_check: python/torch/sfmkern not importable with $PY" >&2; exit 2; fi
+HAS_CUDA=${INFO%%|*}; REST=${INFO#*|}; DEVICE=${REST%%|*}; VERSIONS=${REST#*|}
+DRIVER=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -1)
+SHA=$(git rev-parse --short HEAD 2>/dev/null || echo "${GPU_CHECK_GIT_SHA:-unknown}")
+[ "$MODE" = auto ] && { [ "$HAS_CUDA" = 1 ] && MODE=gpu || MODE=cpu; }
+# CPU mode: generous caps, a loaded CI runner is slow; the caps only catch hangs there
+BUDGET=${GPU_CHECK_BUDGET:-$([ "$MODE" = gpu ] && echo 480 || echo 1200)}
+DEADLINE=$((START + BUDGET))
+CPU_CAP=240
+line "gpu_check ($MODE mode): $DEVICE, driver ${DRIVER:-n/a}, $VERSIONS, git $SHA, $(nproc) CPUs"
+
+DECODER=1
+if ! "$PY" -c "import sfmkern._decode" 2>/dev/null; then
+  if command -v cmake >/dev/null && command -v pkg-config >/dev/null && pkg-config --exists libturbojpeg spng; then
+    PART_NOTE="built the C++ decoder"
+    run_part setup 120 "$PY" setup.py -q build_ext --inplace || DECODER=0
+  else
+    DECODER=0
+    line "setup    SKIP     decoder sfmkern._decode missing and not buildable here (needs cmake, pkg-config," \
+         "libturbojpeg, libspng): the stats part is skipped"
+  fi
+fi
+
+# ------------------------------------------------------------------------------------------------ parts
+MODEL=${GPU_CHECK_MODEL:-vit_base_patch14_dinov2}
+CHUNK=${GPU_CHECK_CHUNK:-128}
+RUNTIME_GRID=${GPU_CHECK_RUNTIME_GRID:-100x1x3 100x10x1 1000x1x1 1000x10x1}
+MEMORY_GRID=${GPU_CHECK_MEMORY_GRID:-100x1x3 100x1x1 1000x1x1}
+NOAPP=(); [ "$APPEND" = 0 ] && NOAPP=(--no-append)
+KERNEL_TESTS=${GPU_CHECK_KERNEL_TESTS:-}
+
+for part in $PARTS; do
+  if [ "$MODE" = gpu ]; then
+    case $part in
+      tests)
+        PART_NOTE="pytest -m gpu${KERNEL_TESTS:+ + $KERNEL_TESTS}, compiled"
+        KT=":"; [ -n "$KERNEL_TESTS" ] && KT="'$PY' -m pytest -q -rfEs -p no:cacheprovider $KERNEL_TESTS"
+        run_part tests 150 env TRITON_INTERPRET=0 bash -c \
+          "'$PY' -m pytest -q -s -rfEs -p no:cacheprovider -m gpu tests && $KT" ;;
+      kernels)
+        run_part kernels 150 env -u TRITON_INTERPRET bash -c "cd benchmarks && '$PY' kernels.py --quick ${NOAPP[*]}" ;;
+      runtime)
+        # shellcheck disable=SC2086
+        run_part runtime 150 env -u TRITON_INTERPRET "$PY" benchmarks/runtime.py --model "$MODEL" --crop 224 \
+          --syn-res 256 --chunk "$CHUNK" --grid $RUNTIME_GRID --repeats 1 --device cuda "${NOAPP[@]}" ;;
+      memory)
+        # shellcheck disable=SC2086
+        run_part memory 150 env -u TRITON_INTERPRET "$PY" benchmarks/memory.py --model "$MODEL" --crop 224 \
+          --syn-res 256 --chunk "$CHUNK" --grid $MEMORY_GRID --steps 1 --device cuda "${NOAPP[@]}" ;;
+      stats)
+        if [ "$DECODER" = 1 ]; then
+          NOWRITE=(); [ "$APPEND" = 0 ] && NOWRITE=(--no-write)
+          run_part stats 90 env -u TRITON_INTERPRET "$PY" benchmarks/stats.py --model "$MODEL" --num 1024 \
+            --batch-size 128 --resize 256 --crop 224 --repeats 2 --device cuda "${NOWRITE[@]}"
+        else
+          line "stats    SKIP        no decoder (see setup)"
+        fi ;;
+    esac
+  else  # CPU mode: every part on a tiny case, nothing appended; what CI runs so the script cannot rot
+    case $part in
+      tests)
+        PART_NOTE="GPU tests collected and skipped"
+        run_part tests $CPU_CAP env TRITON_INTERPRET=1 "$PY" -m pytest -q -rs -p no:cacheprovider -m gpu \
+          tests/test_gpu.py tests/test_ops.py ;;
+      kernels)
+        run_part kernels $CPU_CAP env -u TRITON_INTERPRET bash -c \
+          "cd benchmarks && '$PY' kernels.py --quick --no-compile --no-append --threads 1 --min-time 0.1" ;;
+      runtime)
+        run_part runtime $CPU_CAP "$PY" benchmarks/runtime.py --model test_vit --crop 32 --syn-res 32 --chunk 2 \
+          --grid 4x1x2 --repeats 1 --device cpu --no-append ;;
+      memory)
+        run_part memory $CPU_CAP "$PY" benchmarks/memory.py --model test_vit --crop 32 --syn-res 32 --chunk 2 \
+          --grid 4x1x2 --methods sfm_single sfm_two_phase --steps 1 --device cpu --no-append ;;
+      stats)
+        if [ "$DECODER" = 1 ]; then
+          run_part stats $CPU_CAP "$PY" benchmarks/stats.py --model test_vit --num 24 --classes 3 --batch-size 8 \
+            --resize 36 --crop 32 --repeats 1 --workers 2 --device cpu --no-write
+        else
+          line "stats    SKIP        no decoder (see setup)"
+        fi ;;
+    esac
+  fi
+done
+
+# ------------------------------------------------------------------------------------------------ summary
+TOTAL=$(($(date +%s) - START))
+VERDICT=$([ "$FAILED" = 0 ] && echo "all parts passed" || echo "FAILED")
+line "gpu_check: $VERDICT in ${TOTAL}s (logs: $LOG_DIR)"
+{
+  echo "## gpu_check: scripts/gpu_check.sh ($(date -u '+%Y-%m-%d %H:%M') UTC, git $SHA)"
+  echo
+  echo "Device: $DEVICE, driver ${DRIVER:-n/a}; $VERSIONS; $(nproc) CPUs. Mode: $MODE. Parts (status, seconds):"
+  echo
+  for s in "${SUMMARY[@]}"; do echo "    $s"; done
+} > "$LOG_DIR/summary.md"
+if [ "$MODE" = gpu ] && [ "$APPEND" = 1 ]; then
+  { echo; cat "$LOG_DIR/summary.md"; } >> "$RESULTS"
+  tail -c +"$((RESULTS_SIZE + 1))" "$RESULTS" > "$LOG_DIR/results_appended.md"
+  echo "appended the sections of this run to $RESULTS (copy: $LOG_DIR/results_appended.md)"
+fi
+echo
+printf '%s\n' "${SUMMARY[@]}"
+exit "$FAILED"
