@@ -13,7 +13,9 @@
 #include <cstdio>
 #include <cstring>
 #include <new>
+#include <fcntl.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #ifndef SFMKERN_TURBOJPEG_VERSION
 #define SFMKERN_TURBOJPEG_VERSION "unknown"
@@ -321,6 +323,36 @@ Scratch::~Scratch() {
   if (tj != nullptr) tjDestroy(static_cast<tjhandle>(tj));
 }
 
+namespace {
+template <typename T>
+size_t capacity_bytes(const std::vector<T>& v) {
+  return v.capacity() * sizeof(T);
+}
+template <typename T>
+void release_above(std::vector<T>& v, size_t max_bytes) {
+  if (capacity_bytes(v) > max_bytes) std::vector<T>().swap(v);
+}
+}  // namespace
+
+size_t Scratch::bytes() const {
+  return capacity_bytes(file) + capacity_bytes(decoded) + capacity_bytes(rgb) + capacity_bytes(rows) +
+         capacity_bytes(wx) + capacity_bytes(wy) + capacity_bytes(bx) + capacity_bytes(by) + capacity_bytes(nx) +
+         capacity_bytes(ny);
+}
+
+void Scratch::trim(size_t max_bytes) {
+  release_above(file, max_bytes);
+  release_above(decoded, max_bytes);
+  release_above(rgb, max_bytes);
+  release_above(rows, max_bytes);
+  release_above(wx, max_bytes);
+  release_above(wy, max_bytes);
+  release_above(bx, max_bytes);
+  release_above(by, max_bytes);
+  release_above(nx, max_bytes);
+  release_above(ny, max_bytes);
+}
+
 std::string load_bytes(const ItemSource& src, Scratch& scratch, const Limits& limits, const uint8_t** data,
                        size_t* size) {
   if (src.data != nullptr || src.path.empty()) {
@@ -328,13 +360,30 @@ std::string load_bytes(const ItemSource& src, Scratch& scratch, const Limits& li
     *size = src.data ? src.size : 0;
     return "";
   }
-  FILE* fh = std::fopen(src.path.c_str(), "rb");
-  if (fh == nullptr) return "cannot open " + src.path + ": " + std::strerror(errno);
+  // O_NONBLOCK: opening a FIFO (or a device) must not block; anything but a regular file is refused unread.
+  const int fd = ::open(src.path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+  if (fd < 0) return "cannot open " + src.path + ": " + std::strerror(errno);
+  struct stat st {};
+  if (fstat(fd, &st) != 0) {
+    const int err = errno;
+    ::close(fd);
+    return "cannot stat " + src.path + ": " + std::strerror(err);
+  }
+  if (!S_ISREG(st.st_mode)) {
+    ::close(fd);
+    return "not a regular file (FIFO, socket or device): " + src.path;
+  }
+  const int flags = fcntl(fd, F_GETFL);
+  if (flags >= 0) fcntl(fd, F_SETFL, flags & ~O_NONBLOCK);
+  FILE* fh = fdopen(fd, "rb");
+  if (fh == nullptr) {
+    const int err = errno;
+    ::close(fd);
+    return "cannot open " + src.path + ": " + std::strerror(err);
+  }
   auto close_fh = defer([fh] { std::fclose(fh); });
   int64_t length = src.length;
   if (length < 0) {
-    struct stat st {};
-    if (fstat(fileno(fh), &st) != 0) return "cannot stat " + src.path + ": " + std::strerror(errno);
     length = static_cast<int64_t>(st.st_size) - src.offset;
     if (length < 0) return "offset beyond end of " + src.path;
   }
@@ -458,6 +507,7 @@ std::string process_item(const ItemSource& src, Scratch& scratch, const Limits& 
     reason = "internal error";
   }
   if (!reason.empty()) std::memset(out, 0, size_t(crop) * size_t(crop) * 3);
+  scratch.trim(static_cast<size_t>(std::min<uint64_t>(limits.max_scratch_bytes, SIZE_MAX)));
   return reason;
 }
 

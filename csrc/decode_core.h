@@ -11,12 +11,16 @@
 
 namespace sfmkern {
 
-// Per-thread working memory, reused from image to image (buffers only grow), plus this thread's TurboJPEG handle.
+// Per-thread working memory, reused from image to image, plus this thread's TurboJPEG handle. Buffers grow to the
+// largest image seen; `trim` frees those above a threshold, so one huge image does not pin its memory for good.
 struct Scratch {
   Scratch();
   ~Scratch();
   Scratch(const Scratch&) = delete;
   Scratch& operator=(const Scratch&) = delete;
+
+  size_t bytes() const;             // capacity of every buffer, in bytes
+  void trim(size_t max_bytes);      // free each buffer whose capacity exceeds max_bytes
 
   void* tj = nullptr;             // tjhandle, created by tjInitDecompress in the owning thread, freed by tjDestroy
   std::vector<uint8_t> file;      // bytes read from disk
@@ -30,6 +34,7 @@ struct Scratch {
 struct Limits {
   uint64_t max_pixels = uint64_t(1) << 28;   // declared width*height above this is flagged, never allocated
   uint64_t max_file_bytes = uint64_t(1) << 30;
+  uint64_t max_scratch_bytes = uint64_t(64) << 20;  // per-buffer capacity kept between items (process_item trims)
 };
 
 // An 8-bit RGB image in Scratch::rgb with its size; orig_w/orig_h are the declared (pre DCT-scaling) dimensions.
@@ -63,7 +68,8 @@ std::string decode_rgb(const uint8_t* data, size_t size, Scratch& scratch, const
 std::string resize_crop(const uint8_t* src, int w, int h, int channels, int64_t src_row_stride, int orig_w,
                         int orig_h, int resize, int crop, uint8_t* out, Scratch& scratch);
 
-// decode + resize + crop of one item into out[crop, crop, 3]; zero-fills `out` on failure. Never throws.
+// decode + resize + crop of one item into out[crop, crop, 3]; zero-fills `out` on failure; trims the scratch to
+// limits.max_scratch_bytes afterwards. Never throws.
 std::string process_item(const ItemSource& src, Scratch& scratch, const Limits& limits, int resize, int crop,
                          uint8_t* out);
 

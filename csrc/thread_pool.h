@@ -1,15 +1,20 @@
 // A fixed pool of decode threads, each owning one Scratch (and so one TurboJPEG handle, created and destroyed in
 // that thread). run(n, fn) hands out item indices [0, n) through an atomic counter and blocks until all are done.
-// Concurrent run() calls are serialised. fn must not throw (process_item never does); a throw is swallowed and the
-// item keeps whatever fn wrote.
+// Concurrent run() calls are serialised. fn should turn its own failures into per-item results (the callers wrap
+// it with `guarded`); should it throw anyway, run() still waits for every item and then rethrows the first
+// exception, so a failure never passes as success.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
+#include <exception>
+#include <string>
 #include <condition_variable>
 #include <cstddef>
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <thread>
 #include <vector>
 
@@ -51,14 +56,32 @@ class ThreadPool {
       ++generation_;
     }
     wake_.notify_all();
-    std::unique_lock<std::mutex> lock(mu_);
-    done_.wait(lock, [this] { return active_ == 0; });
-    job_ = nullptr;
+    std::exception_ptr error;
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      done_.wait(lock, [this] { return active_ == 0; });
+      job_ = nullptr;
+      std::swap(error, error_);
+    }
+    if (error) std::rethrow_exception(error);
+  }
+
+  // Bytes held by the threads' scratch buffers (between runs; the threads do not touch them then).
+  size_t scratch_bytes() {
+    std::lock_guard<std::mutex> serial(run_mu_);
+    std::lock_guard<std::mutex> lock(mu_);
+    size_t total = 0;
+    for (const Scratch* s : scratches_) total += s->bytes();
+    return total;
   }
 
  private:
   void worker() {
     Scratch scratch;  // per-thread buffers and TurboJPEG handle, freed when the thread exits
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      scratches_.push_back(&scratch);
+    }
     uint64_t seen = 0;
     for (;;) {
       const std::function<void(size_t, Scratch&)>* job = nullptr;
@@ -66,7 +89,10 @@ class ThreadPool {
       {
         std::unique_lock<std::mutex> lock(mu_);
         wake_.wait(lock, [&] { return stop_ || generation_ != seen; });
-        if (stop_) return;
+        if (stop_) {
+          scratches_.erase(std::find(scratches_.begin(), scratches_.end(), &scratch));
+          return;
+        }
         seen = generation_;
         job = job_;
         n = job_size_;
@@ -75,6 +101,8 @@ class ThreadPool {
         try {
           (*job)(i, scratch);
         } catch (...) {
+          std::lock_guard<std::mutex> lock(mu_);
+          if (!error_) error_ = std::current_exception();
         }
       }
       {
@@ -93,6 +121,25 @@ class ThreadPool {
   int active_ = 0;
   uint64_t generation_ = 0;
   bool stop_ = false;
+  std::exception_ptr error_;           // first exception thrown by fn in the current run
+  std::vector<const Scratch*> scratches_;  // each live worker's scratch (read by scratch_bytes between runs)
 };
+
+// Wraps a per-item job so that any exception becomes that item's reason: "out of memory" or "internal error: ..."
+// (never an empty reason, which means success).
+template <typename Fn>
+std::function<void(size_t, Scratch&)> guarded(std::vector<std::string>& reasons, Fn fn) {
+  return [&reasons, fn](size_t i, Scratch& scratch) {
+    try {
+      fn(i, scratch);
+    } catch (const std::bad_alloc&) {
+      reasons[i] = "out of memory";
+    } catch (const std::exception& e) {
+      reasons[i] = std::string("internal error: ") + e.what();
+    } catch (...) {
+      reasons[i] = "internal error: unknown exception";
+    }
+  };
+}
 
 }  // namespace sfmkern

@@ -147,9 +147,39 @@ def cmd_stats(args) -> int:
         workers=args.workers, progress=not args.quiet,
     )
     counts = [int(c) for c in stats.counts.tolist()]
+    reused = " (reused: same data, backbone and settings)" if stats.run_info.get("reused_result") else ""
     print(f"statistics of {sum(counts)} images in {len(counts)} classes ({len(stats.skipped)} skipped) with "
-          f"{stats.backbone_name} -> {args.out}")
+          f"{stats.backbone_name} -> {args.out}{reused}")
+    _report_skipped(stats.skipped, args.out)
     return 0
+
+
+SKIPPED_SHOWN = 10
+
+
+def skipped_list_path(out: str | os.PathLike) -> Path:
+    """Where `sfmkern stats` writes the full list of skipped files: `<stem>.skipped.tsv` beside the statistics."""
+    p = Path(out)
+    stem = p.name[: -len(".safetensors")] if p.name.endswith(".safetensors") else p.stem
+    return p.with_name(f"{stem}.skipped.tsv")
+
+
+def _report_skipped(skipped, out) -> None:
+    """Print the first SKIPPED_SHOWN skipped files with their reasons on stderr, and write the full list (index,
+    name, reason; index -1: a listing problem) as a tab-separated file beside `out`."""
+    if not skipped:
+        return
+    from sfmkern._io import atomic_write
+
+    path = skipped_list_path(out)
+    lines = ["index\tname\treason"] + ["\t".join(_one_line(v) for v in row) for row in skipped]
+    atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n", encoding="utf-8"))
+    print(f"skipped {len(skipped)} file(s); the full list is in {path}:", file=sys.stderr)
+    for _index, name, reason in skipped[:SKIPPED_SHOWN]:
+        print(f"  {name}: {_one_line(reason)}", file=sys.stderr)
+    if len(skipped) > SKIPPED_SHOWN:
+        print(f"  ... and {len(skipped) - SKIPPED_SHOWN} more", file=sys.stderr)
+    sys.stderr.flush()
 
 
 def _load_stats_for(path: str, backbone, *, crop: int | None = None):
@@ -203,7 +233,14 @@ def _resolve_distilled(path: str) -> Path:
 
 def cmd_eval(args) -> int:
     from sfmkern import baselines
-    from sfmkern.evaluate import LinearHead, evaluate, fit_full_head, head_path_for, markdown_table
+    from sfmkern.evaluate import (
+        LinearHead,
+        evaluate,
+        fit_full_head,
+        head_path_for,
+        head_reuse_problem,
+        markdown_table,
+    )
 
     _require(args, "backbone", "test")
     if (args.distilled is None) == (args.baseline is None):
@@ -253,8 +290,18 @@ def cmd_eval(args) -> int:
             else:
                 head_file = head_path_for(args.stats)
                 if head_file.is_file():
-                    head = LinearHead.load(head_file, backbone=head_backbone)
-                else:
+                    try:
+                        head = LinearHead.load(head_file, backbone=head_backbone)
+                        problem = head_reuse_problem(head, stats, epochs=args.head_epochs, seed=args.seed)
+                    except ValueError as exc:  # another backbone's or a torn head: it is refitted
+                        problem = _one_line(exc)
+                    if problem:
+                        _log(args, f"refitting the full-data head {head_file}: {problem}")
+                        head = None
+                    else:
+                        _log(args, f"reusing the full-data head {head_file} (fitted on these statistics, "
+                                   f"{args.head_epochs} epochs, seed {args.seed})")
+                if head is None:
                     check_writable(head_file, "full-data head")
                     head = fit_full_head(stats, head_backbone, epochs=args.head_epochs, seed=args.seed,
                                          out=head_file, progress=not args.quiet)
@@ -485,6 +532,8 @@ def _config_value(action: argparse.Action, value, path):
 def _convert(action, value, name):
     if value is None:
         return None
+    if action.type is int and isinstance(value, float):
+        raise UsageError(f"{name} must be an integer, got {value!r}")  # int(8.5) would silently give 8
     if action.type is not None:
         try:
             value = action.type(value) if not isinstance(value, bool) else _bad(name, value)

@@ -1,8 +1,10 @@
 """`--config` files of the `sfmkern` CLI: a YAML or JSON mapping of option names to values.
 
 Keys are the long option names of a subcommand, with dashes or underscores (`syn-res: 128` or `syn_res: 128`).
-A file may also hold one section per subcommand (`stats:`, `distill:`, `eval:`, `demo:`); the section of the running
-subcommand is applied over the top-level keys, and the other sections are ignored. Values on the command line win over
+A file may also hold one section per subcommand (`stats:`, `distill:`, `eval:`, `demo:`): a key named like a subcommand
+whose value is a mapping is a section; the section of the running subcommand is applied over the top-level keys, and
+the other sections are ignored. A key named like a subcommand with a plain value is an option (`stats: s.safetensors`
+is `--stats` of `distill` and `eval`), never dropped. Values on the command line win over
 the file. Unknown keys are an error that names the key and the file, so that a typo never passes silently.
 """
 
@@ -64,15 +66,14 @@ def options_for(data: dict, command: str, path: str | os.PathLike = "<config>") 
     argparse destinations (dashes -> underscores). Sections of other subcommands are dropped."""
     out: dict = {}
     for key, value in data.items():
-        if key in SUBCOMMANDS:
-            continue
+        if key in SUBCOMMANDS and isinstance(value, dict):
+            continue  # a section: the running command's is applied below, the others are not for this command
         out[_dest(key, path)] = value
     section = data.get(command)
-    if section is not None:
-        if not isinstance(section, dict):
-            raise ValueError(f"config file {str(path)!r}: section {command!r} must be a mapping, "
-                             f"got {type(section).__name__}")
+    if isinstance(section, dict):
         for key, value in section.items():
+            if key in SUBCOMMANDS and isinstance(value, dict):
+                raise ValueError(f"config file {str(path)!r}: section {command!r} holds a nested section {key!r}")
             out[_dest(key, path)] = value
     return out
 

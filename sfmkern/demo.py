@@ -334,7 +334,7 @@ def run_demo(out: str | os.PathLike, *, preset: str = "full", device=None, fresh
     from sfmkern.backbone import load_backbone
     from sfmkern.data import fashion_mnist
     from sfmkern.distill import distill
-    from sfmkern.evaluate import LinearHead, evaluate, fit_full_head, head_path_for
+    from sfmkern.evaluate import LinearHead, evaluate, fit_full_head, head_path_for, head_reuse_problem
     from sfmkern.stats import collect_stats
 
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -364,12 +364,13 @@ def run_demo(out: str | os.PathLike, *, preset: str = "full", device=None, fresh
         if head_path.is_file() and not fresh:
             try:
                 head = LinearHead.load(head_path, backbone=backbone)
-            except ValueError:
+                problem = head_reuse_problem(head, stats, epochs=s.full_epochs, seed=s.seed)
+            except ValueError as exc:
+                head, problem = None, str(exc)
+            if problem:
                 head = None
-            if head is not None and (head.stats_fingerprint != stats.fingerprint
-                                     or head.config.get("epochs") != s.full_epochs
-                                     or head.config.get("seed") != s.seed):
-                head = None
+                if progress:
+                    print(f"[sfmkern demo] refitting the full-data head: {problem}", file=sys.stderr, flush=True)
         if head is None:
             head = fit_full_head(stats, backbone, epochs=s.full_epochs, seed=s.seed, out=head_path,
                                  progress=progress)

@@ -19,7 +19,9 @@ are all-reduced, so every rank computes the same L and G and updates its own ima
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -87,6 +89,10 @@ class DistillConfig:
             raise ValueError(f"DistillConfig.grow_every must be an int >= 0, got {self.grow_every!r}")
         if self.param not in PARAMETERISATIONS:
             raise ValueError(f"DistillConfig.param must be one of {PARAMETERISATIONS}, got {self.param!r}")
+        self._check_finite()
+        if self.crop > self.syn_res:
+            raise ValueError(f"DistillConfig: crop ({self.crop}) must be <= syn_res ({self.syn_res}): views are cut "
+                             "from the synthetic images, so they cannot be larger than them")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"DistillConfig.lr must be a positive finite float, got {self.lr!r}")
         for name in ("noise_p", "flip_p"):
@@ -102,6 +108,19 @@ class DistillConfig:
             raise ValueError(f"DistillConfig.chunk_size must be a positive int or None, got {self.chunk_size!r}")
         if self.max_memory is not None:
             self.max_memory = parse_bytes(self.max_memory)
+
+    def _check_finite(self) -> None:
+        """Every float hyper-parameter is a real finite number (NaN compares false everywhere and would silently
+        disable a check or a feature, e.g. noise_std=nan)."""
+        for name in ("lr", "noise_std", "noise_p", "noise_mean", "flip_p"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+                raise TypeError(f"DistillConfig.{name} must be a number, got {value!r}")
+            if not math.isfinite(float(value)):
+                raise ValueError(f"DistillConfig.{name} must be finite, got {value!r}")
+        for name in ("scale", "ratio"):
+            if not all(math.isfinite(v) for v in getattr(self, name)):
+                raise ValueError(f"DistillConfig.{name} must be finite, got {getattr(self, name)!r}")
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -636,6 +655,57 @@ def _resolve_stats(data_or_stats, backbone, *, crop: int, out_dir: Path | None, 
                                    progress=progress)
 
 
+def _locked_run(fn):
+    """Decorates `distill`: with `out_dir=`, the run folder is locked (`out_dir/.lock`, taken by rank 0; under
+    torch.distributed every rank learns the outcome) for the whole call, and the temporary files a killed earlier
+    run left there are removed first."""
+
+    @functools.wraps(fn)
+    def locked(*args, **kwargs):
+        out_dir = kwargs.get("out_dir")
+        if out_dir is None:
+            return fn(*args, **kwargs)
+        out_path, progress = Path(out_dir), kwargs.get("progress", True)
+        rank, world = _dist_info()
+        with contextlib.ExitStack() as stack:
+            error = ""
+            if rank == 0:
+                try:
+                    out_path.mkdir(parents=True, exist_ok=True)
+                    stack.enter_context(_io.output_lock(out_path, "distillation run folder"))
+                    removed = [p for name in ("checkpoint", "distilled.safetensors")
+                               for p in _io.remove_stale_temps(out_path / name, any_suffix=True)]
+                    if removed:
+                        _io.notice(f"removed {len(removed)} temporary file(s) a killed run left in {out_path}",
+                                   progress)
+                except _io.OutputBusyError as exc:
+                    error = str(exc)
+            if world > 1:
+                shared = [error]
+                torch.distributed.broadcast_object_list(shared, src=0)
+                error = shared[0]
+            if error:
+                raise _io.OutputBusyError(error)
+            return fn(*args, **kwargs)
+
+    return locked
+
+
+def _say_resumed(ckpt: Path, start: int, steps: int, *, show: bool) -> None:
+    """Refuse a checkpoint past `steps` (its images are not those of a `steps`-step run); say in one line whether a
+    finished run is reused or a run resumed."""
+    if start > steps:
+        raise ValueError(f"{ckpt}: holds a run at step {start}, past steps={steps}; its images are not a {steps}-step "
+                         "result: use another out_dir, resume=False (--no-resume) to start over, or steps >= "
+                         f"{start}")
+    if start == steps:
+        _io.notice(f"reusing the finished run {ckpt} ({steps} steps, same statistics, backbone and configuration; "
+                   "resume=False / --no-resume recomputes)", show)
+    else:
+        _io.notice(f"resuming {ckpt} at step {start} of {steps}", show)
+
+
+@_locked_run
 def distill(data_or_stats, backbone, *, ipc: int = 1, steps: int = 5000, augs: int = 1, lr: float = 2e-3,
             syn_res: int = 256, crop: int = 224, seed: int = 0, device=None, max_memory=None, out_dir=None,
             resume: bool = True, grow_every: int = 200, param: str = "pyramid", noise_std: float = 0.2,
@@ -650,6 +720,10 @@ def distill(data_or_stats, backbone, *, ipc: int = 1, steps: int = 5000, augs: i
     `resume=True` continues from one, and the result is saved as out_dir/distilled.safetensors. A non-finite loss
     (checked every `log_every` steps and before each checkpoint) raises FloatingPointError and keeps the last good
     checkpoint. mode: "auto" (single-phase when one chunk holds every view), "single" or "two_phase".
+    A checkpoint is resumed only when written for the same statistics, backbone and trajectory settings (else
+    ValueError naming the difference), and never past `steps` (a 300-step checkpoint and steps=100: ValueError);
+    resuming or reusing a finished run is said in one line on stderr. While it runs, `out_dir` is locked
+    (`out_dir/.lock`): a second process distilling into it fails at once with OutputBusyError.
     """
     from tqdm.auto import tqdm
 
@@ -669,6 +743,7 @@ def distill(data_or_stats, backbone, *, ipc: int = 1, steps: int = 5000, augs: i
     start = 0
     if ckpt is not None and resume and ckpt.is_file():
         start = distiller.load_checkpoint(ckpt)
+        _say_resumed(ckpt, start, steps, show=progress and distiller.rank == 0)
     bar = tqdm(total=steps, initial=min(start, steps), disable=not progress or distiller.rank != 0,
                desc="distill", unit="step")
     last_time, last_step = time.perf_counter(), start

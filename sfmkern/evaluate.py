@@ -362,6 +362,19 @@ def head_path_for(stats_path: str | os.PathLike) -> Path:
     return p.with_name(f"{stem}.head.safetensors")
 
 
+def head_reuse_problem(head: LinearHead, stats, *, epochs: int, seed: int) -> str:
+    """Why a saved full-data head cannot stand for `fit_full_head(stats, epochs=epochs, seed=seed)` ('' when it
+    can): fitted on other statistics (fingerprint), for another number of epochs or with another seed."""
+    problems = []
+    if head.stats_fingerprint != getattr(stats, "fingerprint", None):
+        problems.append(f"it was fitted on other statistics ({_short(head.stats_fingerprint)}, these are "
+                        f"{_short(getattr(stats, 'fingerprint', None))})")
+    for key, value in (("epochs", epochs), ("seed", seed)):
+        if head.config.get(key) != value:
+            problems.append(f"{key}={head.config.get(key)!r} was used, {key}={value!r} is asked")
+    return "; ".join(problems)
+
+
 def _derived_generator(seed: int, stream: str) -> torch.Generator:
     """A CPU generator seeded from (seed, stream) so that runs and the view bank draw independent numbers."""
     digest = hashlib.sha256(f"sfmkern.evaluate/{int(seed)}/{stream}".encode()).digest()
@@ -934,6 +947,7 @@ def _run_inherit(sets, backbone, test: FeatureSet, *, head, head_backbone, epoch
 __all__ = [
     "EvalReport", "FeatureSet", "LabelledImages", "LinearHead", "MODES", "as_labelled_images", "build_view_bank",
     "check_classes", "clear_feature_cache", "evaluate", "extract_features", "fit_full_head", "head_path_for",
+    "head_reuse_problem",
     "markdown_table", "stats_features",
 ]
 

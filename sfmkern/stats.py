@@ -10,11 +10,19 @@ checkpoint is never reused. Under torch.distributed every rank streams its shard
 Feature cache layout (`cache_features=True`, `out="stats.safetensors"`): `stats.features.npy` is a float16
 [N, D] .npy file (numpy memmap-able) whose row i is the feature of source item i (the `data` source's own order);
 `stats.labels.npy` is int64 [N] with the class index of item i, or -1 where item i was skipped (corrupt file) and so
-has no feature. `ClassStats.load_features()` opens both read-only.
+has no feature. `ClassStats.load_features()` opens both read-only. Both files are preallocated on disk before the
+pass (free space checked first), so a full disk is an OSError naming the file at the start, never a SIGBUS mid-pass.
+
+Reuse is never silent: a finished file is returned only for the same run key (data, backbone weights, preprocessing,
+decoder, world size, caching) and with its feature cache present, and that is said in one line on stderr; a
+checkpoint is resumed only with the same run key and the very feature cache files it was written with (else the pass
+starts over, with one line saying why). While it runs, `collect_stats(out=...)` holds an advisory lock beside `out`
+(`.<name>.lock`): a second process writing the same `out` fails at once with OutputBusyError.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -25,7 +33,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sfmkern._io import load_tensors, save_tensors
+from sfmkern._io import (
+    OutputBusyError,
+    check_free_space,
+    load_tensors,
+    notice,
+    output_lock,
+    preallocate,
+    remove_stale_temps,
+    save_tensors,
+)
 from sfmkern._nvtx import nvtx_range
 
 _FORMAT = "sfmkern.ClassStats/1"
@@ -39,7 +56,8 @@ class ClassStats:
     centres float32 [C, D] (mean feature per class), counts int64 [C] (usable images per class), `classes` (names,
     index order), `class_to_idx`, `backbone_name`, `backbone_fingerprint` (sha256 of the weights),
     `preprocessing` (dict: resize, crop, mean, std, input_size, feature_kind), `decoder_version`, `skipped`
-    (list of [index, name, reason] for files that could not be used), `features_path` (the fp16 feature cache or
+    (list of [index, name, reason] for files that could not be used; index -1: a listing problem such as an
+    unreadable folder or a FIFO, which is no item of the source), `features_path` (the fp16 feature cache or
     None), `fingerprint` (sha256 of the centres, counts and everything above but the run info), `run_info` (not part
     of the fingerprint: resumed_from, images_forwarded, seconds, world_size, data).
     """
@@ -192,15 +210,18 @@ def data_fingerprint(source) -> str:
     h.update(f"{type(source).__name__}|{len(source)}|{json.dumps(list(source.classes))}\n".encode())
     h.update(np.ascontiguousarray(source.labels, dtype=np.int64).tobytes())
     for i in range(len(source)):
-        h.update(source.name(i).encode() + b"\0")
+        h.update(os.fsencode(source.name(i)) + b"\0")
     root = source
     while hasattr(root, "parent"):  # SubsetSource: the files live in the parent
         h.update(np.ascontiguousarray(root.indices, dtype=np.int64).tobytes())
         root = root.parent
     files = list(getattr(root, "paths", None) or getattr(root, "shards", None) or [])
     for path in files:
-        st = os.stat(path)
-        h.update(f"{path}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        try:
+            st = os.stat(path)
+            h.update(os.fsencode(path) + f"|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        except OSError as exc:  # gone or unreadable since listing: the decoder skips it with its reason
+            h.update(os.fsencode(path) + f"|unreadable {exc.errno}\n".encode())
     images = getattr(root, "images", None)
     if isinstance(images, np.ndarray):
         h.update(str(images.shape).encode())
@@ -241,18 +262,66 @@ class _CudaCopier:
             labels.record_stream(current)
 
 
+def _cache_id(out: Path) -> list | None:
+    """Identity of the feature cache files (device, inode, size): a checkpoint resumes only into the same files."""
+    ids = []
+    for p in _cache_paths(out):
+        try:
+            st = os.stat(p)
+        except OSError:
+            return None
+        ids.append([st.st_dev, st.st_ino, st.st_size])
+    return ids
+
+
+def _cache_problem(out: Path, recorded) -> str:
+    """Why the feature cache beside `out` cannot take a resumed pass ('' when it can)."""
+    now = _cache_id(out)
+    if now is None:
+        missing = [str(p) for p in _cache_paths(out) if not p.is_file()]
+        return f"its feature cache {', '.join(missing)} is missing"
+    if recorded is None or [list(x) for x in recorded] != now:
+        return f"its feature cache {_cache_paths(out)[0]} was replaced or rewritten since the checkpoint"
+    return ""
+
+
+def _flush_cache(cache) -> None:
+    for array, path in ((cache[0], cache[2]), (cache[1], _labels_path_for(cache[2]))):
+        try:
+            array.flush()
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot write the feature cache {path}: {exc.strerror or exc}") from exc
+
+
 def _open_cache(out: Path, n: int, d: int, *, create: bool) -> tuple[np.memmap, np.memmap, Path]:
     feats_path, labels_path = _cache_paths(out)
     feats_path.parent.mkdir(parents=True, exist_ok=True)
-    if create or not (feats_path.is_file() and labels_path.is_file()):
-        feats = np.lib.format.open_memmap(feats_path, mode="w+", dtype=np.float16, shape=(n, d))
-        labels = np.lib.format.open_memmap(labels_path, mode="w+", dtype=np.int64, shape=(n,))
-        labels[:] = -1
-        feats.flush()
-        labels.flush()
-        del feats, labels
-    feats = np.load(feats_path, mmap_mode="r+")
-    labels = np.load(labels_path, mmap_mode="r+")
+    try:
+        if create or not (feats_path.is_file() and labels_path.is_file()):
+            needed = 2 * n * d + 8 * n + 2 * 4096  # fp16 features, int64 labels, .npy headers
+            for p in (feats_path, labels_path):  # space the old files hold comes back when they are replaced
+                if p.is_file():
+                    needed -= p.stat().st_size
+            check_free_space(feats_path.parent, needed, f"the feature cache {feats_path}")
+            feats = np.lib.format.open_memmap(feats_path, mode="w+", dtype=np.float16, shape=(n, d))
+            labels = np.lib.format.open_memmap(labels_path, mode="w+", dtype=np.int64, shape=(n,))
+            del feats, labels
+            preallocate(feats_path)
+            preallocate(labels_path)
+            labels = np.load(labels_path, mmap_mode="r+")
+            labels[:] = -1
+            labels.flush()
+            del labels
+        else:
+            preallocate(feats_path)  # a sparse cache (written by an older version) gets its blocks now
+            preallocate(labels_path)
+        feats = np.load(feats_path, mmap_mode="r+")
+        labels = np.load(labels_path, mmap_mode="r+")
+    except OSError as exc:
+        text = exc.strerror or str(exc)
+        if str(feats_path) not in text and str(labels_path) not in text:
+            text = f"feature cache {feats_path}: {text}"
+        raise OSError(exc.errno, text) from exc
     if feats.shape != (n, d) or feats.dtype != np.float16 or labels.shape != (n,):
         raise ValueError(f"{feats_path}: existing feature cache has shape {feats.shape}, expected ({n}, {d})")
     return feats, labels, feats_path
@@ -265,7 +334,68 @@ def _fixed_input_mismatch(backbone, crop: int) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------- the pass
-def collect_stats(
+def _listing_problems(source) -> list[tuple[int, str, str]]:
+    """Listing problems of the source's folders (unreadable folders, loops, special files) as skipped entries."""
+    root = source
+    while hasattr(root, "parent"):
+        root = root.parent
+    return [(-1, str(name), str(reason)) for name, reason in getattr(root, "problems", [])]
+
+
+@contextlib.contextmanager
+def _locked_output(out, *, progress: bool):
+    """The advisory lock of `out` (rank 0 takes it; under torch.distributed every rank learns the outcome), and
+    removal of the temporary files a killed earlier run left beside it."""
+    rank, _, distributed = _dist_info()
+    with contextlib.ExitStack() as stack:
+        error = ""
+        if rank == 0:
+            try:
+                stack.enter_context(output_lock(out, "statistics file"))
+                removed = remove_stale_temps(out, any_suffix=True)
+                if removed:
+                    notice(f"removed {len(removed)} temporary file(s) a killed run left beside {out}", progress)
+            except OutputBusyError as exc:
+                error = str(exc)
+        if distributed:
+            import torch.distributed as dist
+
+            shared = [error]
+            dist.broadcast_object_list(shared, src=0)
+            error = shared[0]
+        if error:
+            raise OutputBusyError(error)
+        yield
+
+
+def collect_stats(data, backbone, *, resize: int = 256, crop: int = 224, batch_size: int = 64, device=None,
+                  out: str | os.PathLike | None = None, resume: bool = True, cache_features: bool = False,
+                  checkpoint_every: int = 50, workers: int | None = None, progress: bool = True) -> ClassStats:
+    """Mean backbone feature of every class of `data` -> ClassStats (saved to `out` when given).
+
+    data: an sfmkern.data source, an ImageFolder directory, or tar shards (a *.tar path or glob). backbone: a
+    `Backbone` or a name for `load_backbone`. resize/crop: shorter side, then centre square crop (pixels).
+    out: the result file (safetensors); its checkpoints `<out>.partial-<rank>of<world>` and, with
+    `cache_features=True`, `<stem>.features.npy` / `<stem>.labels.npy` lie beside it. Without `out` nothing is
+    written and there is no resume. resume: continue from a matching checkpoint (or return a matching finished
+    file, saying so on stderr). checkpoint_every: batches between checkpoints. workers: decode threads (None: all
+    CPUs).
+
+    Under torch.distributed each rank streams positions rank, rank + world, ...; sums and counts are all-reduced
+    and rank 0 writes `out`; every rank returns the same ClassStats. Raises ValueError naming any class that has
+    no item (before decoding anything) or no usable image (after the pass); OutputBusyError when another process
+    is writing `out`; OSError naming the file on a full disk or any other write error (the last checkpoint stays).
+    """
+    kwargs = dict(resize=resize, crop=crop, batch_size=batch_size, device=device, out=out, resume=resume,
+                  cache_features=cache_features, checkpoint_every=checkpoint_every, workers=workers,
+                  progress=progress)
+    if out is None:
+        return _collect_stats(data, backbone, **kwargs)
+    with _locked_output(out, progress=progress):
+        return _collect_stats(data, backbone, **kwargs)
+
+
+def _collect_stats(
     data,
     backbone,
     *,
@@ -280,22 +410,10 @@ def collect_stats(
     workers: int | None = None,
     progress: bool = True,
 ) -> ClassStats:
-    """Mean backbone feature of every class of `data` -> ClassStats (saved to `out` when given).
-
-    data: an sfmkern.data source, an ImageFolder directory, or tar shards (a *.tar path or glob). backbone: a
-    `Backbone` or a name for `load_backbone`. resize/crop: shorter side, then centre square crop (pixels).
-    out: the result file (safetensors); its checkpoints `<out>.partial-<rank>of<world>` and, with
-    `cache_features=True`, `<stem>.features.npy` / `<stem>.labels.npy` lie beside it. Without `out` nothing is
-    written and there is no resume. resume: continue from a matching checkpoint (or return a matching finished
-    file). checkpoint_every: batches between checkpoints. workers: decode threads (None: all CPUs).
-
-    Under torch.distributed each rank streams positions rank, rank + world, ...; sums and counts are all-reduced
-    and rank 0 writes `out`; every rank returns the same ClassStats. Raises ValueError naming any class that has
-    no usable image.
-    """
+    """collect_stats without the output lock (see collect_stats)."""
     from sfmkern import ops
     from sfmkern.backbone import Backbone, load_backbone
-    from sfmkern.data import DECODER_VERSION, stream
+    from sfmkern.data import DECODER_VERSION, check_classes_nonempty, stream
 
     if isinstance(backbone, str):
         backbone = load_backbone(backbone, device=device)
@@ -320,6 +438,8 @@ def collect_stats(
     num_classes, n_items, dim = len(source.classes), len(source), backbone.feature_dim
     if num_classes == 0 or n_items == 0:
         raise ValueError(f"collect_stats: data {source!r} has no classes or no items")
+    check_classes_nonempty(source, "collect_stats")  # an empty class fails now, not after the whole pass
+    listing_problems = _listing_problems(source)
 
     preprocessing = {
         "resize": int(resize), "crop": int(crop), "mean": list(backbone.mean), "std": list(backbone.std),
@@ -339,8 +459,17 @@ def collect_stats(
         except ValueError:
             done = None
         if done is not None and done.run_info.get("run_key") == run_key:
-            done.run_info.update(images_forwarded=0, reused_result=True)  # nothing redone in this call
-            return done
+            missing = cache_features and not (done.features_path and Path(done.features_path).is_file()
+                                              and _labels_path_for(Path(done.features_path)).is_file())
+            if not missing:
+                notice(f"reusing the finished statistics {out_path} (same data, backbone and settings; "
+                       "resume=False / --no-resume recomputes)", progress and rank == 0)
+                done.run_info.update(images_forwarded=0, reused_result=True)  # nothing redone in this call
+                return done
+            notice(f"recomputing {out_path}: its feature cache is missing", progress and rank == 0)
+        elif done is not None:
+            notice(f"recomputing {out_path}: it was computed from other data, backbone or settings",
+                   progress and rank == 0)
 
     # running totals: fp64 sums of the fp32 per-batch class sums, int64 counts
     sums = torch.zeros(num_classes, dim, dtype=torch.float64, device=device)
@@ -352,11 +481,19 @@ def collect_stats(
             tensors, meta = load_tensors(ckpt_path)
         except ValueError:
             meta = {}
-        if meta.get("format") == _CHECKPOINT_FORMAT and meta.get("run_key") == run_key:
+        problem = "" if meta.get("run_key") == run_key else "it belongs to other data, backbone or settings"
+        if meta.get("format") != _CHECKPOINT_FORMAT:
+            problem = "it is not a statistics checkpoint"
+        if not problem and cache_features:
+            problem = _cache_problem(out_path, meta.get("cache_id"))
+        if problem:
+            notice(f"not resuming {ckpt_path}: {problem}; starting over", progress)
+        else:
             sums.copy_(tensors["sums"])
             counts.copy_(tensors["counts"])
             start = int(meta["position"])
             skipped_before = [tuple(s) for s in meta["skipped"]]
+            notice(f"resuming {ckpt_path} at position {start}", progress and rank == 0)
 
     cache = None
     if cache_features:
@@ -382,10 +519,10 @@ def collect_stats(
 
     def save_checkpoint(position: int) -> None:
         if cache is not None:
-            cache[0].flush()
-            cache[1].flush()
+            _flush_cache(cache)
         meta = {"format": _CHECKPOINT_FORMAT, "run_key": run_key, "position": position,
-                "skipped": [list(s) for s in skipped_before + list(it.report.skipped)]}
+                "skipped": [list(s) for s in skipped_before + list(it.report.skipped)],
+                "cache_id": _cache_id(out_path) if cache is not None else None}
         save_tensors(ckpt_path, {"sums": sums, "counts": counts}, meta)
 
     copier = _CudaCopier(device)
@@ -429,6 +566,8 @@ def collect_stats(
             bar.close()
 
     skipped = skipped_before + list(it.report.skipped)
+    if rank == 0:
+        skipped += listing_problems
     if distributed:
         import torch.distributed as dist
 
@@ -448,7 +587,7 @@ def collect_stats(
     empty = torch.nonzero(counts_cpu == 0).flatten().tolist()
     if empty:
         named = ", ".join(f"{source.classes[c]!r} (index {c})" for c in empty)
-        reasons = [f"{n}: {r}" for i, n, r in skipped if int(source.labels[i]) in empty][:5]
+        reasons = [f"{n}: {r}" for i, n, r in skipped if i >= 0 and int(source.labels[i]) in empty][:5]
         raise ValueError(f"collect_stats: no usable image in class {named}"
                          + (f"; skipped files include {reasons}" if reasons else ""))
     centres = (sums.cpu() / counts_cpu.unsqueeze(1).to(torch.float64)).to(torch.float32)
@@ -458,12 +597,11 @@ def collect_stats(
         backbone_name=backbone.name, backbone_fingerprint=backbone.fingerprint, preprocessing=preprocessing,
         decoder_version=DECODER_VERSION, skipped=[list(s) for s in skipped],
         features_path=str(cache[2]) if cache is not None else None,
-        run_info={"run_key": run_key, "resumed_from": start, "images_forwarded": forwarded,
+        run_info={"run_key": run_key, "data_fingerprint": data_fp, "resumed_from": start, "images_forwarded": forwarded,
                   "seconds": round(time.perf_counter() - t0, 3), "world_size": world, "data": repr(source)},
     )
     if cache is not None:
-        cache[0].flush()
-        cache[1].flush()
+        _flush_cache(cache)
     if out_path is not None:
         if rank == 0:
             stats.save(out_path)

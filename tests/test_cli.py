@@ -97,11 +97,11 @@ def test_stats_distill_eval_chain(capsys, photo_folder, stats_file, tmp_path):
 
     run = tmp_path / "run"
     rc, out, err = run_cli(capsys, "distill", "--stats", stats_file, *TINY, "--out-dir", run, "--ipc", "2",
-                           "--steps", "3", "--syn-res", "24", "--crop", "32", "--grow-every", "0",
+                           "--steps", "3", "--syn-res", "32", "--crop", "24", "--grow-every", "0",
                            "--image-folder", tmp_path / "png", "--quiet")
     assert rc == 0, err
     ds = DistilledSet.load(run / "distilled.safetensors")
-    assert tuple(ds.images.shape) == (6, 3, 24, 24) and ds.config["steps"] == 3
+    assert tuple(ds.images.shape) == (6, 3, 32, 32) and ds.config["steps"] == 3
     assert (run / "grid.png").is_file()
     assert len(list((tmp_path / "png").rglob("*.png"))) == 6
     assert "distilled 6 images" in out

@@ -10,7 +10,16 @@
 
 from sfmkern.data._ext import DECODER_VERSION, DEFAULT_MAX_PIXELS
 from sfmkern.data.fashion_mnist import fashion_mnist
-from sfmkern.data.sources import IMG_EXTENSIONS, ArraySource, ImageFolder, Source, SubsetSource, TarShards
+from sfmkern.data.sources import (
+    IMG_EXTENSIONS,
+    ArraySource,
+    ImageFolder,
+    Source,
+    SubsetSource,
+    TarShards,
+    check_classes_nonempty,
+    display_name,
+)
 from sfmkern.data.stream import Batch, StreamIterator, StreamReport, load_images, stream
 
 __all__ = [
@@ -25,6 +34,8 @@ __all__ = [
     "StreamReport",
     "SubsetSource",
     "TarShards",
+    "check_classes_nonempty",
+    "display_name",
     "fashion_mnist",
     "load_images",
     "stream",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import os
+import stat
 import tarfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -77,45 +78,177 @@ class _FileSource(Source):
         return decoder.decode_batch(items, out, resize, crop)
 
 
+def display_name(path: str | bytes) -> str:
+    """A printable form of a file name: bytes that are not UTF-8 (kept by the OS as surrogate escapes) are shown as
+    backslash escapes (`b'\\xff\\xfe.jpg'` -> `\\xff\\xfe.jpg`), so every name can be printed and logged."""
+    raw = path if isinstance(path, bytes) else os.fsencode(path)
+    return raw.decode("utf-8", "backslashreplace")
+
+
+_SPECIAL_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                  (stat.S_ISBLK, "a block device"))
+
+
+def _kind(mode: int) -> str:
+    for test, name in _SPECIAL_KINDS:
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+class _Walk:
+    """A deterministic walk of one class folder: sorted, hidden entries skipped, symlinks followed once.
+
+    Every directory is entered at most once (by device and inode), so a symlink loop or a second link to the same
+    folder is reported instead of followed; unreadable folders, dangling symlinks and special files (FIFO, socket,
+    device) named like images are reported with a reason and never opened. `problems` collects (name, reason)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.seen_dirs: set[tuple[int, int]] = set()
+        self.problems: list[tuple[str, str]] = []
+
+    def _rel(self, path: str) -> str:
+        return display_name(os.path.relpath(path, self.root))
+
+    def enter(self, path: str) -> bool:
+        """Mark `path` (a directory) as visited; False (with a problem recorded) if it was already."""
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            self.problems.append((self._rel(path), f"cannot read folder: {exc.strerror or exc}"))
+            return False
+        key = (st.st_dev, st.st_ino)
+        if key in self.seen_dirs:
+            target = display_name(os.path.realpath(path))
+            self.problems.append((self._rel(path), f"symlink loop or duplicate folder (-> {target}): not followed"))
+            return False
+        self.seen_dirs.add(key)
+        return True
+
+    def files(self, folder: str) -> list[str]:
+        """Image-looking regular files under `folder` (recursively), sorted per folder, directories in name order."""
+        out: list[str] = []
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: os.fsencode(e.name))
+        except OSError as exc:
+            self.problems.append((self._rel(folder), f"cannot read folder: {exc.strerror or exc}"))
+            return out
+        subdirs = []
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                st = entry.stat()  # follows symlinks
+            except OSError as exc:
+                if entry.is_symlink():
+                    target = display_name(os.readlink(entry.path)) if os.path.islink(entry.path) else "?"
+                    self.problems.append((self._rel(entry.path), f"dangling symlink (-> {target})"))
+                elif entry.name.lower().endswith(IMG_EXTENSIONS):
+                    self.problems.append((self._rel(entry.path), f"cannot stat: {exc.strerror or exc}"))
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                subdirs.append(entry.path)
+            elif entry.name.lower().endswith(IMG_EXTENSIONS):
+                if stat.S_ISREG(st.st_mode):
+                    out.append(entry.path)
+                else:
+                    self.problems.append((self._rel(entry.path), f"{_kind(st.st_mode)}, not an image file: not opened"))
+        for sub in subdirs:
+            if self.enter(sub):
+                out.extend(self.files(sub))
+        return out
+
+
 class ImageFolder(_FileSource):
     """Images in `root/<class>/**/<file>`: class = sub-folder (sorted names), files sorted within a class.
 
-    Attributes: `root`, `classes`, `class_to_idx`, `labels` int64 [N], `paths` (list[str], absolute).
-    Only image-looking files (IMG_EXTENSIONS, any case) are listed; hidden files and folders are ignored.
+    Attributes: `root`, `classes`, `class_to_idx`, `labels` int64 [N], `paths` (list[str], absolute; names the OS
+    holds as non-UTF-8 bytes are kept as surrogate escapes, `os.fsencode` gives the bytes back), `problems`
+    (list of (name, reason): unreadable folders, symlink loops, dangling symlinks, special files), `empty_classes`
+    (class names with no image file). Only image-looking files (IMG_EXTENSIONS, any case) are listed; hidden files
+    and folders are ignored; special files (FIFO, socket, device) are listed as problems and never opened; every
+    folder is entered once, so symlink loops end. `name(i)` is printable (`display_name`).
     """
 
     def __init__(self, root: str | os.PathLike):
         root_path = Path(root)
         if not root_path.exists():
-            raise FileNotFoundError(f"ImageFolder: root {str(root_path)!r} does not exist")
+            raise FileNotFoundError(f"ImageFolder: root {display_name(str(root_path))!r} does not exist")
         if not root_path.is_dir():
-            raise NotADirectoryError(f"ImageFolder: root {str(root_path)!r} is not a directory")
+            raise NotADirectoryError(f"ImageFolder: root {display_name(str(root_path))!r} is not a directory")
         self.root = root_path
-        classes = sorted(e.name for e in os.scandir(root_path) if e.is_dir() and not e.name.startswith("."))
+        walk = _Walk(root_path)
+        walk.enter(str(root_path))
+        try:
+            with os.scandir(root_path) as it:
+                top = sorted(it, key=lambda e: os.fsencode(e.name))
+        except OSError as exc:
+            raise PermissionError(f"ImageFolder: cannot read root {display_name(str(root_path))!r}: "
+                                  f"{exc.strerror or exc}") from None
+        classes = []
+        for entry in top:
+            if entry.name.startswith("."):
+                continue
+            try:
+                is_dir = entry.is_dir()
+            except OSError:
+                is_dir = False
+            if is_dir:
+                classes.append(entry.name)
+            elif entry.is_symlink() and not os.path.exists(entry.path):
+                walk.problems.append((display_name(entry.name), "dangling symlink where a class folder may be"))
         if not classes:
-            raise ValueError(f"ImageFolder: no class sub-folders in {str(root_path)!r} (expected root/<class>/<image>)")
+            raise ValueError(f"ImageFolder: no class sub-folders in {display_name(str(root_path))!r} "
+                             "(expected root/<class>/<image>)")
         paths: list[str] = []
         labels: list[int] = []
+        empty: list[str] = []
         for label, cls in enumerate(classes):
-            for dirpath, dirnames, filenames in os.walk(root_path / cls, followlinks=True):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # prunes and orders the walk
-                for fname in sorted(filenames):
-                    if not fname.startswith(".") and fname.lower().endswith(IMG_EXTENSIONS):
-                        paths.append(os.path.join(dirpath, fname))
-                        labels.append(label)
+            folder = os.path.join(root_path, cls)
+            found = walk.files(folder) if walk.enter(folder) else []
+            if not found:
+                empty.append(cls)
+            paths.extend(found)
+            labels.extend([label] * len(found))
         if not paths:
             raise ValueError(
                 f"ImageFolder: no image files ({', '.join(IMG_EXTENSIONS)}) under the {len(classes)} class folders "
-                f"of {str(root_path)!r}"
+                f"of {display_name(str(root_path))!r}" + _problem_note(walk.problems)
             )
         self.classes = classes
         self.class_to_idx = {c: i for i, c in enumerate(classes)}
         self.paths = paths
         self.labels = np.asarray(labels, dtype=np.int64)
+        self.problems = walk.problems
+        self.empty_classes = empty
         self._items = paths
 
     def name(self, i: int) -> str:
-        return os.path.relpath(self.paths[self._check_index(i)], self.root)
+        return display_name(os.path.relpath(self.paths[self._check_index(i)], self.root))
+
+
+def _problem_note(problems: list[tuple[str, str]]) -> str:
+    if not problems:
+        return ""
+    shown = "; ".join(f"{n}: {r}" for n, r in problems[:3])
+    more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
+    return f" (listing problems: {shown}{more})"
+
+
+def check_classes_nonempty(source: Source, where: str) -> None:
+    """Raise ValueError naming every class of `source` that holds no item (before any decoding), with the listing
+    problems (unreadable folders, loops, special files) that may explain it."""
+    counts = np.bincount(np.asarray(source.labels, dtype=np.int64), minlength=len(source.classes))
+    empty = [source.classes[c] for c in np.flatnonzero(counts == 0).tolist()]
+    if empty:
+        shown = ", ".join(repr(display_name(c)) for c in empty[:10]) + (" ..." if len(empty) > 10 else "")
+        root = source
+        while hasattr(root, "parent"):
+            root = root.parent
+        raise ValueError(f"{where}: no image in class {shown} ({len(empty)} of {len(source.classes)} classes "
+                         f"empty)" + _problem_note(list(getattr(root, "problems", []))))
 
 
 def _expand_tar_paths(paths_or_glob) -> list[str]:
@@ -209,7 +342,7 @@ class TarShards(_FileSource):
         self._names = names
 
     def name(self, i: int) -> str:
-        return self._names[self._check_index(i)]
+        return display_name(self._names[self._check_index(i)])
 
 
 class ArraySource(Source):
