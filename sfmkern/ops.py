@@ -8,6 +8,11 @@ when the Triton path is taken, and nothing here queries CUDA at import time.
 Input checks (`sfmkern._validate`) run before any launch: structure always, values (labels in range, finite
 features, every class present) by default on CPU and with `SFMKERN_VALIDATE=1` on CUDA, where they would cost host
 syncs on the hot path. With value checks off the kernels stay memory-safe and a bad input shows up as a NaN loss.
+
+`class_sums`, `sfm_loss`, `flow_loss_and_grad` and `feature_grad` are thin wrappers (argument types, constants
+detached) around torch custom ops of the same names in the `sfmkern` namespace (`torch.ops.sfmkern.*`, registered at
+import): dispatch and checks above run inside the op, when it runs, so they hold in eager mode and in a graph
+compiled by `torch.compile`, which sees each op as one node (fullgraph=True compiles; see "registered ops" below).
 """
 
 from __future__ import annotations
@@ -79,16 +84,17 @@ def _resolve_sorted(labels: torch.Tensor, sorted_labels: bool | None) -> bool:
 # Why custom_op and not `torch.library.triton_op` + `wrap_triton` (which would let Inductor see the kernels):
 # - A triton_op's function is traced with FakeTensors (it is its own fake), so each kernel launch in it must go
 #   through `wrap_triton`. Under TRITON_INTERPRET=1 the kernels are `InterpretedFunction`s: torch 2.14 returns them
-#   unwrapped (untraceable: they would run the interpreter on FakeTensors) and older releases, as far back as the
-#   GPU machines' torch 2.11, raise "wrap_triton only works on functions annotated with triton.jit". So a triton_op
-#   could not be opchecked or compiled on CPU, where the whole suite runs.
+#   unwrapped (pytorch/pytorch#185597: eager only, "the traceable wrapper path still requires JIT metadata"), so the
+#   fake would run the interpreter on FakeTensors; torch 2.11, the GPU machines' release, predates that change and
+#   raises "wrap_triton only works on functions annotated with triton.jit" (pytorch/pytorch#152868). So a triton_op
+#   could be neither opchecked nor compiled on CPU, where the whole suite runs.
 # - The ops do host-side work by design that a traced function cannot: value checks that read tensors (on by default
 #   on CPU, SFMKERN_VALIDATE=1 on CUDA), sorted-label detection on CPU, and the backend choice from SFMKERN_BACKEND /
 #   TRITON_INTERPRET read at every call. In a custom op all of this runs at call time, compiled or not.
 # - Inductor cannot fuse into a user Triton kernel anyway; what it would gain is scheduling around three small
 #   launches over [C, D] and one pass over the features, which already read each input once.
-# custom_op, register_fake, register_autograd, register_kernel-free dispatch and opcheck are all in torch >= 2.4, so
-# the same code runs on torch 2.11 (GPU machines) and 2.14 (here).
+# custom_op (with an explicit schema), register_fake, register_autograd and opcheck are all in torch >= 2.4, so the
+# same code runs on torch 2.11 (GPU machines) and 2.14 (here); nothing here is newer.
 
 _CLASS_SUMS_SCHEMA = "(Tensor features, Tensor labels, int num_classes, bool deterministic, bool? sorted_labels) " \
                      "-> (Tensor, Tensor)"
