@@ -7,15 +7,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MUTANTS="${SFMKERN_ASAN_MUTANTS:-300}"
-driver=""
-if [ "${1:-}" = "--driver" ]; then driver="$2"; fi
-if [ -z "$driver" ]; then
-  build=build/asan
-  gen=(); command -v ninja >/dev/null && [ ! -f "$build/Makefile" ] && gen=(-G Ninja)
-  cmake -S . -B "$build" "${gen[@]}" -DSFMKERN_ASAN=ON -DSFMKERN_PYTHON=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
-  cmake --build "$build" --target corpus_driver -j "$(nproc)"
-  driver="$build/corpus_driver"
-fi
+# shellcheck source=scripts/asan_build.sh
+source scripts/asan_build.sh
+asan_target corpus_driver "$@"
 corpus=$(mktemp -d)
 trap 'rm -rf "$corpus"' EXIT
 python3 tests/decode_corpus.py "$corpus" "$MUTANTS" >/dev/null

@@ -13,15 +13,9 @@ SECONDS_BUDGET="${SFMKERN_FUZZ_SECONDS:-60}"
 SEED="${SFMKERN_FUZZ_SEED:-1}"
 THREADS="${SFMKERN_FUZZ_THREADS:-2}"
 CRASH_DIR="${SFMKERN_FUZZ_CRASH_DIR:-build/fuzz-crashes}"
-driver=""
-if [ "${1:-}" = "--driver" ]; then driver="$2"; fi
-if [ -z "$driver" ]; then
-  build=build/asan
-  gen=(); command -v ninja >/dev/null && [ ! -f "$build/Makefile" ] && gen=(-G Ninja)
-  cmake -S . -B "$build" "${gen[@]}" -DSFMKERN_ASAN=ON -DSFMKERN_PYTHON=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
-  cmake --build "$build" --target fuzz_driver -j "$(nproc)" >/dev/null
-  driver="$build/fuzz_driver"
-fi
+# shellcheck source=scripts/asan_build.sh
+source scripts/asan_build.sh
+asan_target fuzz_driver "$@"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 python3 tests/decode_corpus.py "$work/seeds" 0 >/dev/null

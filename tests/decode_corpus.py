@@ -52,8 +52,9 @@ _ADAM7 = [(0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), 
 
 
 def encode_png(samples: np.ndarray, color_type: int, *, palette: np.ndarray | None = None, trns: bytes | None = None,
-               interlace: bool = False, width: int | None = None, height: int | None = None) -> bytes:
-    """samples: [H, W, channels] uint8 or uint16 (palette: indices [H, W, 1]). width/height override the IHDR."""
+               interlace: bool = False, width: int | None = None, height: int | None = None, level: int = 6) -> bytes:
+    """samples: [H, W, channels] uint8 or uint16 (palette: indices [H, W, 1]). width/height override the IHDR.
+    level: zlib level (0: stored, so the file size depends on the image size only)."""
     h, w, _ = samples.shape
     depth = 16 if samples.dtype == np.uint16 else 8
     raw = samples.astype(">u2") if depth == 16 else samples.astype(np.uint8)
@@ -74,7 +75,7 @@ def encode_png(samples: np.ndarray, color_type: int, *, palette: np.ndarray | No
         out += _chunk(b"PLTE", palette.astype(np.uint8).tobytes())
     if trns is not None:
         out += _chunk(b"tRNS", trns)
-    return out + _chunk(b"IDAT", zlib.compress(data, 6)) + _chunk(b"IEND", b"")
+    return out + _chunk(b"IDAT", zlib.compress(data, level)) + _chunk(b"IEND", b"")
 
 
 def over_white8(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:

@@ -140,7 +140,16 @@ class _Walk:
             if entry.name.startswith("."):
                 continue
             try:
-                st = entry.stat()  # follows symlinks
+                # plain folders and files are told apart by the directory entry's type (no stat call per file);
+                # symlinks and anything else are stat-ed, following links
+                if entry.is_dir(follow_symlinks=False):
+                    subdirs.append(entry.path)
+                    continue
+                if entry.is_file(follow_symlinks=False):
+                    if entry.name.lower().endswith(IMG_EXTENSIONS):
+                        out.append(entry.path)
+                    continue
+                st = entry.stat()
             except OSError as exc:
                 if entry.is_symlink():
                     target = display_name(os.readlink(entry.path)) if os.path.islink(entry.path) else "?"
