@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sfmkern import _io, augment
+from sfmkern import _io, _threads, augment
 from sfmkern._callable import make_module_callable
 from sfmkern._nvtx import nvtx_range
 from sfmkern.synthetic import PARAMETERISATIONS, SyntheticImages, decode, level_sizes
@@ -635,6 +635,7 @@ def _resolve_stats(data_or_stats, backbone, *, crop: int, out_dir: Path | None, 
                                    progress=progress)
 
 
+@_threads.cpu_phase
 def distill(data_or_stats, backbone, *, ipc: int = 1, steps: int = 5000, augs: int = 1, lr: float = 2e-3,
             syn_res: int = 256, crop: int = 224, seed: int = 0, device=None, max_memory=None, out_dir=None,
             resume: bool = True, grow_every: int = 200, param: str = "pyramid", noise_std: float = 0.2,

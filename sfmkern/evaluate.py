@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from sfmkern import _threads
 from sfmkern import probe as _probe
 from sfmkern._callable import make_module_callable
 from sfmkern._io import atomic_write, load_tensors, save_tensors
@@ -666,6 +667,7 @@ def _protocol(schedule: _probe.ProbeSchedule | None, *, epochs, runs, seed, view
     return p
 
 
+@_threads.cpu_phase
 def evaluate(
     distilled_or_images,
     backbone,
