@@ -1,11 +1,16 @@
 """sfmkern: dataset distillation by Statistical Flow Matching on frozen backbones, with fused kernels.
 
 The public API is imported lazily so that `import sfmkern` stays cheap (no timm, no triton at import time).
+Importing sfmkern before torch lets it export OMP_WAIT_POLICY=PASSIVE unless already set (`sfmkern._threads`).
 """
 
 from __future__ import annotations
 
 import importlib
+
+from sfmkern import _threads
+
+_threads.configure_at_import()
 
 __version__ = "0.1.0"
 

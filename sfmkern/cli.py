@@ -265,16 +265,25 @@ def cmd_eval(args) -> int:
             raise FileNotFoundError(f"statistics file {args.stats!r} does not exist")
         # the statistics belong to the distillation backbone: the evaluated one, unless --head-backbone names it
         stats = _load_stats_for(args.stats, None if args.head_backbone else backbone)
-    common = dict(epochs=args.epochs, runs=args.runs, seed=args.seed, view_bank=args.view_bank, resize=args.resize,
+    if args.fresh_views and args.view_bank is not None:
+        raise UsageError("give at most one of --view-bank K and --fresh-views")
+    view_bank = None if args.fresh_views else "auto" if args.view_bank is None else args.view_bank
+    cache_dir = None
+    if not args.no_cache:
+        cache_dir = args.cache_dir or (distilled_path.parent / "eval-cache" if distilled_path is not None else None)
+    if cache_dir is not None:
+        check_writable(cache_dir, "evaluation cache", is_dir=True)
+    common = dict(epochs=args.epochs, runs=args.runs, seed=args.seed, view_bank=view_bank, resize=args.resize,
                   crop=args.crop, feature_batch=args.batch_size, progress=not args.quiet)
+    cached = dict(common, cache_dir=cache_dir)
     if args.baseline == "random-real":
-        report = baselines.random_real(train, backbone, test, ipc=args.ipc, image_size=args.resize, **common)
+        report = baselines.random_real(train, backbone, test, ipc=args.ipc, image_size=args.resize, **cached)
     elif args.baseline in ("centroid", "kmeans"):
         ipc = 1 if args.baseline == "centroid" else args.ipc
         if args.baseline == "kmeans" and ipc < 2:
             raise UsageError("--baseline kmeans needs --ipc >= 2 (ipc 1 is the centroid baseline)")
         report = baselines.centroid(train, stats, backbone, test, ipc=ipc, image_size=args.resize,
-                                    feature_backbone=backbone, **common)
+                                    feature_backbone=backbone, **cached)
     elif args.baseline == "full-data":
         report = baselines.full_data(stats, backbone, test, epochs=args.head_epochs, runs=args.runs, seed=args.seed,
                                      resize=args.resize, crop=args.crop, feature_batch=args.batch_size,
@@ -307,7 +316,7 @@ def cmd_eval(args) -> int:
                                          out=head_file, progress=not args.quiet)
                     _log(args, f"full-data head fitted ({args.head_epochs} epochs) -> {head_file}")
         report = evaluate(str(distilled_path), backbone, test, mode=args.mode, head=head,
-                          head_backbone=head_backbone if args.head_backbone else None, stats=stats, **common)
+                          head_backbone=head_backbone if args.head_backbone else None, stats=stats, **cached)
     if args.out:
         report.save(args.out)
     if args.markdown:
@@ -452,8 +461,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=1000, help="probe epochs (default 1000)")
     p.add_argument("--runs", type=int, default=3, help="seeds (default 3)")
     p.add_argument("--seed", type=int, default=0, help="seed of the probe runs and baseline draws")
-    p.add_argument("--view-bank", type=int, metavar="K",
-                   help="precompute K augmented views per image (fast on CPU); default fresh views every step")
+    views = p.add_argument_group("views (docs/protocol.md)")
+    views.add_argument("--view-bank", type=int, metavar="K",
+                       help="precompute K augmented views per image; default: fresh views on CUDA, a bank of "
+                            "10 views per image on the CPU")
+    views.add_argument("--fresh-views", action="store_true",
+                       help="the exact protocol on any device: fresh augmented views at every probe step (slow on "
+                            "CPU)")
+    p.add_argument("--cache-dir", metavar="DIR",
+                   help="where finished evaluations are stored and reused when nothing changed (default: "
+                        "eval-cache/ beside --distilled; baselines: none)")
+    p.add_argument("--no-cache", action="store_true", help="always recompute; store nothing")
     p.add_argument("--resize", type=int, default=256, help="test Resize (default 256)")
     p.add_argument("--crop", type=int, default=224, help="test CenterCrop and training view side (default 224)")
     p.add_argument("--batch-size", type=int, default=256, help="images per backbone forward")

@@ -391,7 +391,8 @@ def run_demo(out: str | os.PathLike, *, preset: str = "full", device=None, fresh
             distilled[ipc] = ds
 
     ev = dict(epochs=s.epochs, runs=s.runs, seed=s.seed, view_bank=s.view_bank, resize=size, crop=size,
-              feature_batch=s.batch_size, progress=progress)
+              feature_batch=s.batch_size, progress=progress,
+              cache_dir=None if fresh else out / "eval-cache")  # finished evaluations reused when nothing changed
     rows: list[dict] = []
     reports: dict[str, dict] = {}
 

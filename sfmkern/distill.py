@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sfmkern import _io, augment
+from sfmkern import _io, _threads, augment
 from sfmkern._callable import make_module_callable
 from sfmkern._nvtx import nvtx_range
 from sfmkern.synthetic import PARAMETERISATIONS, SyntheticImages, decode, level_sizes
@@ -705,6 +705,7 @@ def _say_resumed(ckpt: Path, start: int, steps: int, *, show: bool) -> None:
         _io.notice(f"resuming {ckpt} at step {start} of {steps}", show)
 
 
+@_threads.cpu_phase
 @_locked_run
 def distill(data_or_stats, backbone, *, ipc: int = 1, steps: int = 5000, augs: int = 1, lr: float = 2e-3,
             syn_res: int = 256, crop: int = 224, seed: int = 0, device=None, max_memory=None, out_dir=None,

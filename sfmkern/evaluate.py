@@ -7,10 +7,16 @@ end and tested once on the real test images (Resize `resize`, CenterCrop `crop`,
 repeated for `runs` seeds; top-1 and top-5 are reported as mean ± std (population std over the runs). Nothing is
 ever selected on the test set.
 
-Views: `view_bank=None` (default) forwards freshly augmented views through the backbone at every step, the faithful
-protocol (GPU). `view_bank=K` draws K augmented views per image once, forwards them in large batches, and each step
-picks one of the K views of each sampled image at random: the same augmentation distribution with a finite pool of
-views, and far fewer backbone forwards (the CPU demo's choice).
+Views: `view_bank=None` forwards freshly augmented views through the backbone at every step, the exact protocol.
+`view_bank=K` draws K augmented views per image once, forwards them in large batches, and each step picks one of the
+K views of each sampled image at random: the same augmentation distribution with a finite pool of views, and far
+fewer backbone forwards. The default, `view_bank="auto"`, is the exact protocol on CUDA and a bank of
+`CPU_VIEW_BANK` (10) views per image on the CPU, where fresh views cost ~40x more time (docs/protocol.md).
+
+Reuse: with `cache_dir=`, a finished evaluation is stored there as JSON under a key made of everything that decides
+its result (the images' bytes and labels, the backbone fingerprint, the test features' bytes, the head, the protocol
+settings and the device type); a later call with the same key returns the stored report and says so in one line,
+anything changed is recomputed (`EVAL_CACHE_FORMAT`).
 
 Inheritance (mode="inherit"): the head fitted on all real features of the distillation backbone A
 (`fit_full_head`). Evaluated with B == A the head is applied directly; with B != A a linear projector B->A is
@@ -27,6 +33,7 @@ import hashlib
 import json
 import os
 import statistics
+import sys
 import time
 import weakref
 from collections.abc import Sequence
@@ -37,6 +44,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from sfmkern import _threads
 from sfmkern import probe as _probe
 from sfmkern._callable import make_module_callable
 from sfmkern._io import atomic_write, load_tensors, save_tensors
@@ -46,6 +54,8 @@ from sfmkern.augment import apply_views, draw_views
 MODES = ("probe", "inherit")
 HEAD_KIND = "sfmkern.linear-head"
 DEFAULT_SCALE = (0.08, 1.0)
+CPU_VIEW_BANK = 10  # view_bank="auto" on the CPU: 10 views per image (GPU: fresh views, the exact protocol)
+EVAL_CACHE_FORMAT = "sfmkern.eval-cache/1"
 
 
 # ------------------------------------------------------------------------------------------------ image sets
@@ -679,6 +689,7 @@ def _protocol(schedule: _probe.ProbeSchedule | None, *, epochs, runs, seed, view
     return p
 
 
+@_threads.cpu_phase
 def evaluate(
     distilled_or_images,
     backbone,
@@ -688,7 +699,7 @@ def evaluate(
     epochs: int = 1000,
     runs: int = 3,
     seed: int = 0,
-    view_bank: int | None = None,
+    view_bank: int | str | None = "auto",
     head: LinearHead | str | os.PathLike | None = None,
     head_backbone=None,
     stats=None,
@@ -699,6 +710,7 @@ def evaluate(
     feature_batch: int = 256,
     name: str | None = None,
     progress: bool = True,
+    cache_dir: str | os.PathLike | None = None,
 ) -> EvalReport:
     """Evaluate distilled (or any labelled) images with a frozen `backbone` on real test images.
 
@@ -711,7 +723,10 @@ def evaluate(
     LinearHead or its file, from `fit_full_head`) of backbone A; if `backbone` is A it is applied directly (one
     deterministic run), otherwise `head_backbone` must be A and a B->A projector is trained per run (epochs=0 leaves
     it at its random initialisation).
-    view_bank: None for fresh views at every step (faithful, GPU); K to sample from K precomputed views per image.
+    view_bank: None for fresh views at every step (the exact protocol); K to sample from K precomputed views per
+    image; "auto" (default): None on CUDA, CPU_VIEW_BANK on the CPU.
+    cache_dir: a folder where the finished report is stored and from which an evaluation with identical inputs
+    (images, backbone, test features, head, protocol, device type) is returned instead of being recomputed.
     stats: optional ClassStats whose class names must match. Mismatched class counts/names between the images,
     stats, head and test data raise ValueError, and so does a head of another backbone.
     """
@@ -721,8 +736,11 @@ def evaluate(
                               ("max_batch", max_batch, 1), ("feature_batch", feature_batch, 1)):
         if not isinstance(value, (int, np.integer)) or value < low:
             raise ValueError(f"{label} must be an int >= {low}, got {value!r}")
-    if view_bank is not None and (not isinstance(view_bank, (int, np.integer)) or view_bank < 1):
-        raise ValueError(f"view_bank must be None or an int >= 1, got {view_bank!r}")
+    if view_bank == "auto":
+        view_bank = default_view_bank(getattr(backbone, "device", "cpu"))
+    if view_bank is not None and (not isinstance(view_bank, (int, np.integer)) or isinstance(view_bank, bool)
+                                  or view_bank < 1):
+        raise ValueError(f"view_bank must be 'auto', None or an int >= 1, got {view_bank!r}")
     if not (0 < scale[0] <= scale[1] <= 1):
         raise ValueError(f"scale must satisfy 0 < lo <= hi <= 1, got {scale}")
     if not (hasattr(backbone, "features") and hasattr(backbone, "fingerprint")):
@@ -745,15 +763,99 @@ def evaluate(
                           progress=progress)
     timings["test_features_s"] = time.perf_counter() - t0
     check_classes("test data", test_classes, "test features", test.classes)
+    cache_file = cache_key = None
+    if cache_dir is not None:
+        cache_key = _cache_key(sets, backbone, test, mode=mode, head=head, head_backbone=head_backbone, stats=stats,
+                               epochs=epochs, runs=runs, seed=seed, view_bank=view_bank, resize=resize, crop=crop,
+                               scale=scale, max_batch=max_batch, feature_batch=feature_batch)
+        cache_file = Path(cache_dir) / f"eval-{_digest(cache_key)[:24]}.json"
+        cached = _load_cached(cache_file, cache_key)
+        if cached is not None:
+            if name is not None:
+                cached.name = name
+            if progress:
+                print(f"sfmkern.evaluate: reused the finished evaluation {cache_file} (images, backbone, test set "
+                      "and protocol unchanged)", file=sys.stderr, flush=True)
+            return cached
     kw = dict(epochs=epochs, runs=runs, seed=seed, view_bank=view_bank, resize=resize, crop=crop, scale=scale,
               max_batch=max_batch, feature_batch=feature_batch, progress=progress, timings=timings)
     if mode == "probe":
         report = _run_probe(sets, backbone, test, **kw)
     else:
         report = _run_inherit(sets, backbone, test, head=head, head_backbone=head_backbone, **kw)
+    if cache_file is not None:
+        _store_cached(cache_file, cache_key, report)
     if name is not None:
         report.name = name
     return report
+
+
+def default_view_bank(device) -> int | None:
+    """view_bank="auto": None (fresh views, the exact protocol) on CUDA, CPU_VIEW_BANK views per image elsewhere."""
+    return None if torch.device(device).type == "cuda" else CPU_VIEW_BANK
+
+
+# ------------------------------------------------------------------------------------------------ result cache
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _tensor_sha(*tensors: torch.Tensor | None) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        if t is None:
+            h.update(b"none|")
+            continue
+        t = t.detach().cpu().contiguous()
+        h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def _cache_key(sets, backbone, test: FeatureSet, *, mode, head, head_backbone, stats, epochs, runs, seed, view_bank,
+               resize, crop, scale, max_batch, feature_batch) -> dict:
+    """Everything that decides an evaluation's result (the report's name and timings excepted)."""
+    if isinstance(head, (str, os.PathLike)):
+        head = LinearHead.load(head)
+    head_id = None
+    if isinstance(head, LinearHead):
+        head_id = {"weights": _tensor_sha(head.weight, head.bias), "classes": list(head.classes),
+                   "backbone": head.backbone_fingerprint, "stats": head.stats_fingerprint}
+    return {
+        "format": EVAL_CACHE_FORMAT, "mode": mode, "device": torch.device(backbone.device).type,
+        "images": None if sets is None else [
+            {"pixels": _tensor_sha(s.images, s.labels), "classes": list(s.classes)} for s in sets],
+        "backbone": {"name": backbone.name, "fingerprint": backbone.fingerprint},
+        "test": {"features": _tensor_sha(test.features, test.labels), "classes": list(test.classes),
+                 "backbone": test.backbone_fingerprint, "preprocessing": test.preprocessing,
+                 "skipped": test.skipped},
+        "head": head_id, "head_backbone": getattr(head_backbone, "fingerprint", None),
+        "stats": getattr(stats, "fingerprint", None),
+        "protocol": {"epochs": int(epochs), "runs": int(runs), "seed": int(seed),
+                     "view_bank": None if view_bank is None else int(view_bank), "resize": int(resize),
+                     "crop": int(crop), "scale": [float(v) for v in scale], "max_batch": int(max_batch),
+                     "feature_batch": int(feature_batch)},
+    }
+
+
+def _load_cached(path: Path, key: dict) -> EvalReport | None:
+    """The report stored at `path` if its recorded key equals `key` (anything else, or a damaged file: None)."""
+    try:
+        doc = json.loads(path.read_text())
+        if doc.get("key") != json.loads(json.dumps(key, default=str)):
+            return None
+        report = EvalReport.from_json(json.dumps(doc["report"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    report.provenance = {**report.provenance, "reused_from": str(path)}
+    return report
+
+
+def _store_cached(path: Path, key: dict, report: EvalReport) -> None:
+    text = json.dumps({"key": key, "report": report.to_dict()}, indent=1, sort_keys=True, default=str)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text + "\n"))
 
 
 def _run_probe(sets, backbone, test: FeatureSet, *, epochs, runs, seed, view_bank, resize, crop, scale, max_batch,
@@ -945,10 +1047,9 @@ def _run_inherit(sets, backbone, test: FeatureSet, *, head, head_backbone, epoch
 
 
 __all__ = [
-    "EvalReport", "FeatureSet", "LabelledImages", "LinearHead", "MODES", "as_labelled_images", "build_view_bank",
-    "check_classes", "clear_feature_cache", "evaluate", "extract_features", "fit_full_head", "head_path_for",
-    "head_reuse_problem",
-    "markdown_table", "stats_features",
+    "CPU_VIEW_BANK", "EvalReport", "FeatureSet", "LabelledImages", "LinearHead", "MODES", "as_labelled_images",
+    "build_view_bank", "check_classes", "clear_feature_cache", "default_view_bank", "evaluate", "extract_features",
+    "fit_full_head", "head_path_for", "head_reuse_problem", "markdown_table", "stats_features",
 ]
 
 make_module_callable(__name__, "evaluate")

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sfmkern import _threads
 from sfmkern._io import (
     OutputBusyError,
     check_free_space,
@@ -229,6 +230,40 @@ def data_fingerprint(source) -> str:
     return h.hexdigest()
 
 
+def accumulate_class_sums(sums: torch.Tensor, counts: torch.Tensor, features: torch.Tensor,
+                          labels: torch.Tensor) -> None:
+    """Add one batch's per-class feature sums into the running totals, in place.
+
+    sums float64 [C, D] and counts int64 [C] (the accumulators, on the features' device); features [B, D]
+    (float32 / half), labels int64 [B] in [0, C). The batch is reduced over the classes it contains only: its labels
+    are renumbered 0..U-1 in class order (U <= B, no host sync: the compact table has min(B, C) rows, unused rows
+    stay zero), `ops.class_sums(..., deterministic=True)` sums each class in float32 over the same rows in the same
+    sorted positions as with the original labels, and the float64 totals receive those rows by `index_add_`. So the
+    result is bit-identical to `sums += ops.class_sums(features, labels, C)[0].double()` while the temporaries are
+    [min(B, C), D] instead of a dense [C, D] in float32 and float64 per batch, and the accumulation stays
+    deterministic (an unused row adds an exact 0.0 to row 0 of the totals, which changes nothing in any order).
+
+    Equivalent PyTorch:
+        batch_sums, batch_counts = ops.class_sums(features, labels, C, deterministic=True)
+        sums += batch_sums.double(); counts += batch_counts
+    """
+    from sfmkern import ops
+
+    n = labels.shape[0]
+    if n == 0:
+        return
+    rows = max(2, min(n, sums.shape[0]))  # ops.class_sums needs >= 2 classes
+    sorted_labels, order = torch.sort(labels, stable=True)
+    starts = torch.ones(n, dtype=torch.bool, device=labels.device)
+    starts[1:] = sorted_labels[1:] != sorted_labels[:-1]
+    segment = torch.cumsum(starts, 0) - 1  # compact id of each sorted row: 0..U-1, in class order
+    compact = torch.empty_like(labels).index_put_((order,), segment)
+    class_of_row = torch.zeros(rows, dtype=labels.dtype, device=labels.device).index_put_((segment,), sorted_labels)
+    batch_sums, batch_counts = ops.class_sums(features, compact, rows, deterministic=True)
+    sums.index_add_(0, class_of_row, batch_sums.to(torch.float64))
+    counts.index_add_(0, class_of_row, batch_counts)
+
+
 def _dist_info() -> tuple[int, int, bool]:
     import torch.distributed as dist
 
@@ -368,6 +403,7 @@ def _locked_output(out, *, progress: bool):
         yield
 
 
+@_threads.cpu_phase
 def collect_stats(data, backbone, *, resize: int = 256, crop: int = 224, batch_size: int = 64, device=None,
                   out: str | os.PathLike | None = None, resume: bool = True, cache_features: bool = False,
                   checkpoint_every: int = 50, workers: int | None = None, progress: bool = True) -> ClassStats:
@@ -411,7 +447,6 @@ def _collect_stats(
     progress: bool = True,
 ) -> ClassStats:
     """collect_stats without the output lock (see collect_stats)."""
-    from sfmkern import ops
     from sfmkern.backbone import Backbone, load_backbone
     from sfmkern.data import DECODER_VERSION, check_classes_nonempty, stream
 
@@ -471,7 +506,7 @@ def _collect_stats(
             notice(f"recomputing {out_path}: it was computed from other data, backbone or settings",
                    progress and rank == 0)
 
-    # running totals: fp64 sums of the fp32 per-batch class sums, int64 counts
+    # running totals, accumulated in place: fp64 sums of the fp32 per-batch class sums, int64 counts
     sums = torch.zeros(num_classes, dim, dtype=torch.float64, device=device)
     counts = torch.zeros(num_classes, dtype=torch.int64, device=device)
     start, skipped_before = 0, []
@@ -538,11 +573,7 @@ def _collect_stats(
                 with nvtx_range("stats/forward"):
                     feats = backbone.features_uint8(images)
                 with nvtx_range("stats/reduce"):
-                    # deterministic: bitwise-reproducible sums (a resumed run equals an uninterrupted one on CUDA
-                    # too); ops requires C >= 2, so a one-class dataset reduces into two rows and keeps the first
-                    batch_sums, batch_counts = ops.class_sums(feats, labels, max(num_classes, 2), deterministic=True)
-                    sums += batch_sums[:num_classes].to(torch.float64)
-                    counts += batch_counts[:num_classes]
+                    accumulate_class_sums(sums, counts, feats, labels)
                 # CUDA kernels run asynchronously: take the next batch (decoded in the background meanwhile) and
                 # start its host-to-device copy while the GPU is still busy with this forward
                 with nvtx_range("stats/decode"):
