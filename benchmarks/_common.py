@@ -271,10 +271,13 @@ def apply_preset(args: argparse.Namespace) -> argparse.Namespace:
 # proportion on a CPU budget: ViT-S/16 (22.0M parameters, width 384) at 32 px (4 patches + CLS) with 32-px images,
 # ~1.4 MiB per view vs 0.06 MiB per image, ~23:1 (ViT-Ti/16 at 32 px with 40-px images was ~5:1 and understated every
 # ratio). Two-phase chunk: 32 views of ViT-B (6.3k tokens per matmul) keep an H100 busy at ~0.6 GiB of checkpointed
-# activations; 16 views on CPU.
+# activations. On CPU 50 views (250 tokens per matmul): at 16 views (80 rows per matmul) the CPU's GEMMs run so far
+# below their rate that every chunked mode paid for it (measured in process CPU time at C=100, A=1: two-phase 2.4×,
+# lagged 1.8× the single-phase step, where the FLOPs say 1.5× and 1.0×); 50 views still leave C·ipc = 50 to 200 in
+# whole chunks for the flatness check.
 # Recipes (as users run each method): LGM's published A = 10 (A = 3 on ImageNet-1k, where its README says memory
 # forbids more) with ipc·A·C real images loaded per step; SFM's A = 1 with no real image in the loop.
-QUICK = {"model": "vit_small_patch16_224", "crop": 32, "syn_res": 32, "chunk": 16,
+QUICK = {"model": "vit_small_patch16_224", "crop": 32, "syn_res": 32, "chunk": 50,
          "grid": ["100x1x3", "100x1x1", "10x1x1", "50x1x1", "200x1x1"], "recipes": ["100x1", "10x10"]}
 FULL = {"model": "vit_base_patch16_224", "crop": 224, "syn_res": 256, "chunk": 32,
         "grid": ["100x1x3", "100x1x1", "10x1x1", "1000x1x1", "1000x1x3"],
