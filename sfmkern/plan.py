@@ -6,8 +6,9 @@ FLOPs per step, and its time per step (at a given TFLOP/s, or measured on this d
 
 Everything is measured on a small probe `Distiller` (2+ classes at the run's A, resolution and parameterisation) and
 scaled to the run's C·ipc·A views; the full set of images is never allocated. Memory: the images' parameters,
-gradients and Adam state at full pyramid (16 bytes per parameter) plus one chunk of activations, the per-view bytes
-from the same probe the Distiller sizes its chunks with (bytes saved for backward × 1.5), plus the backbone's weights.
+gradients and Adam state at full pyramid (16 bytes per parameter) plus one chunk of activations, per view the bytes
+saved for backward by the same probe the Distiller sizes its chunks with (× 1.1 for transients, where the chunk
+sizing uses × 1.5 as a margin), plus the backbone's weights.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from sfmkern._callable import make_module_callable
 from sfmkern.distill import (
     _CPU_DEFAULT_CHUNK,
+    _PROBE_TRANSIENT,
     MODES,
     DistillConfig,
     Distiller,
@@ -31,6 +33,10 @@ from sfmkern.distill import (
 )
 
 _MIB = 2**20
+# Predicted activations per view = bytes saved for backward × this. The chunk sizing keeps its × 1.5 margin; the peak
+# measured by benchmarks/memory.py on CPU (vit_small_patch16_224 at 32 px: single-phase 100 views, two-phase chunks
+# of 50) was 1.07× the saved bytes plus the images' state, so the prediction uses 1.1.
+_PEAK_TRANSIENT = 1.1
 
 
 @dataclass
@@ -49,7 +55,7 @@ class Plan:
     chunk_size: int
     checkpointing: bool
     activation_budget: int | None  # bytes the chunks' activations may use (None: CPU without max_memory)
-    bytes_per_view: float  # activation estimate per view (with checkpointing when it is on)
+    bytes_per_view: float  # the chunk sizing's activation bytes per view (with checkpointing when it is on)
     model_bytes: int
     images_bytes: int  # the images' parameters, gradients and Adam state at full pyramid
     step_bytes: int  # predicted peak above the loaded model: images_bytes + one chunk of activations
@@ -165,7 +171,7 @@ def plan(backbone, num_classes: int, *, ipc: int = 1, augs: int = 1, crop: int |
     if mode == "auto":
         mode = "single" if chunk >= views else "two_phase"
     active = views if mode == "single" else chunk
-    step_bytes = int(images_bytes + active * bytes_per_view(checkpointing))
+    step_bytes = int(images_bytes + active * bytes_per_view(checkpointing) / _PROBE_TRANSIENT * _PEAK_TRANSIENT)
 
     forward, forward_backward = _flops_per_view(backbone, min(2, views), crop, checkpointing)
     per_step = {"single": forward_backward, "two_phase": forward + forward_backward, "lagged": forward_backward}

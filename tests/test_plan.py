@@ -46,7 +46,7 @@ def test_plan_agrees_with_the_distiller(backbone):
     assert p.mode == "two_phase" and 8 <= p.chunk_size < 200 and not p.checkpointing
     assert p.peak_bytes <= budget and p.peak_bytes == p.step_bytes + model_bytes
     tight = sfmkern.plan(backbone, 100, ipc=1, augs=2, crop=32, syn_res=32,
-                         max_memory=model_bytes + p.images_bytes + 3 * p.bytes_per_view)
+                         max_memory=int(model_bytes + p.images_bytes + 3 * p.bytes_per_view))
     assert tight.checkpointing and tight.bytes_per_view < p.bytes_per_view
     assert "mode two_phase" in str(p) and "TFLOP per step" in str(p)
 
