@@ -1,11 +1,14 @@
-"""Shared helpers of the benchmark scripts: environment description, results file, peak memory, and the four
-distillation-step methods compared by memory.py and runtime.py on one shared setup.
+"""Shared helpers of the benchmark scripts: environment description, results file, peak memory, the distillation-step
+methods compared by memory.py and runtime.py on one shared setup, and the recipes' real JPEG loader.
 
 Methods (one step each, Adam included):
-  lgm            Linear Gradient Matching as its public code runs it (baselines/lgm.py)
-  public_sfm     the public SFM step: all views in one batch, weights requiring grad (baselines/public_sfm.py)
-  sfm_single     sfmkern single-phase: frozen weights, one forward with autograd, fused loss
-  sfm_two_phase  sfmkern two-phase with a fixed chunk of views and timm activation checkpointing
+  lgm                 Linear Gradient Matching as its public code runs it (baselines/lgm.py)
+  public_sfm          the public SFM step: all views in one batch, weights requiring grad (baselines/public_sfm.py)
+  sfm_single          sfmkern single-phase: frozen weights, one forward with autograd
+  sfm_two_phase       sfmkern two-phase (memory-flat) with a fixed chunk of views, plain autograd (no checkpointing:
+                      the Distiller switches it on only when its budget does not hold a chunk)
+  sfm_lagged          sfmkern lagged (memory-flat, opt-in): one autograd pass per chunk with the previous step's G
+  sfm_two_phase_ckpt  two-phase with timm activation checkpointing forced on (what the step cost before; not default)
 """
 
 from __future__ import annotations
@@ -25,9 +28,11 @@ from sfmkern._machine import cpu_model
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 MIB = 2**20
-METHODS = ("lgm", "public_sfm", "sfm_single", "sfm_two_phase")
+METHODS = ("lgm", "public_sfm", "sfm_single", "sfm_two_phase", "sfm_lagged")
+ALL_METHODS = (*METHODS, "sfm_two_phase_ckpt")
 LABELS = {"lgm": "LGM (as coded)", "public_sfm": "public SFM", "sfm_single": "sfmkern single-phase",
-          "sfm_two_phase": "sfmkern two-phase + ckpt"}
+          "sfm_two_phase": "sfmkern two-phase", "sfm_lagged": "sfmkern lagged",
+          "sfm_two_phase_ckpt": "sfmkern two-phase + forced ckpt"}
 # MALLOC_MMAP_THRESHOLD_ pins glibc's (otherwise adaptive) mmap threshold, so that large tensors are mapped and
 # unmapped on free and RSS tracks live memory instead of heap fragmentation that depends on allocation history
 DISPLAY_NAMES = {"PIL": "Pillow"}  # module name -> distribution name, for versions()
@@ -176,36 +181,41 @@ def prepare(case: Case, method: str) -> None:
     if not public:
         for p in backbone.model.parameters():
             p.grad = None
-    backbone.set_grad_checkpointing(method == "sfm_two_phase")
+    backbone.set_grad_checkpointing(method == "sfm_two_phase_ckpt")
 
 
-def run_step(case: Case, method: str) -> torch.Tensor:
+def run_step(case: Case, method: str, real_batch=None) -> torch.Tensor:
     """One full step (forward, backward, Adam) of `method`, inside an NVTX range "bench/<method>"; call
-    `prepare(case, method)` first. Returns the loss (0-dim tensor on the device)."""
+    `prepare(case, method)` first. `real_batch`: LGM's (images, labels) from a loader (default: random tensors
+    standing in for it). Returns the loss (0-dim tensor on the device)."""
     from sfmkern._nvtx import nvtx_range
 
     with nvtx_range(f"bench/{method}"):
-        return _run_step(case, method)
+        return _run_step(case, method, real_batch)
 
 
-def _run_step(case: Case, method: str) -> torch.Tensor:
+def _run_step(case: Case, method: str, real_batch=None) -> torch.Tensor:
     from baselines import lgm_forward_backward, public_sfm_forward_backward
 
     d = case.distiller
 
     if method == "lgm":
         # the loader batch of ipc·A·C real images at the synthetic resolution, on the device for the step
-        n_real = case.views
-        real = torch.rand(n_real, 3, d.config.syn_res, d.config.syn_res, device=d.device)
-        labels = torch.arange(case.num_classes, device=d.device).repeat_interleave(case.ipc * case.augs)
+        if real_batch is None:
+            real = torch.rand(case.views, 3, d.config.syn_res, d.config.syn_res, device=d.device)
+            labels = torch.arange(case.num_classes, device=d.device).repeat_interleave(case.ipc * case.augs)
+        else:
+            real, labels = real_batch[0].to(d.device), real_batch[1].to(d.device)
         loss = lgm_forward_backward(d, real, labels, generator=case.generator)
         del real
     elif method == "public_sfm":
         loss = public_sfm_forward_backward(d)
     elif method == "sfm_single":
         loss = d.forward_backward("single")
-    elif method == "sfm_two_phase":
+    elif method in ("sfm_two_phase", "sfm_two_phase_ckpt"):
         loss = d.forward_backward("two_phase")
+    elif method == "sfm_lagged":
+        loss = d.forward_backward("lagged")
     else:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     d.optimizer.step()
@@ -229,7 +239,7 @@ def add_step_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     Options left at None are filled from QUICK / FULL by `apply_preset`."""
     parser.add_argument("--quick", action="store_true", help="small ViT on CPU-sized inputs (< 5 min on 2 cores)")
     parser.add_argument("--grid", nargs="+", default=None, help="CxIPCxA entries, e.g. 100x1x3 100x1x1")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=ALL_METHODS)
     parser.add_argument("--model", default=None, help="timm model (random weights)")
     parser.add_argument("--crop", type=int, default=None)
     parser.add_argument("--syn-res", type=int, default=None)
@@ -237,13 +247,17 @@ def add_step_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--no-append", action="store_true", help="do not append to benchmarks/RESULTS.md")
+    parser.add_argument("--recipes", nargs="*", default=None, metavar="CxIPC",
+                        help="recipe section: LGM at A=10 and A=3 vs sfmkern at A=1 for these C×ipc (default from the "
+                             "preset); pass --recipes with nothing to skip it")
+    parser.add_argument("--loader-workers", type=int, default=2, help="DataLoader workers of LGM's real JPEG loader")
     return parser
 
 
 def apply_preset(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the options `add_step_arguments` left at None from QUICK (--quick) or FULL, and the device."""
     preset = QUICK if args.quick else FULL
-    for key in ("model", "crop", "chunk", "grid", "syn_res"):
+    for key in ("model", "crop", "chunk", "grid", "syn_res", "recipes"):
         if getattr(args, key) is None:
             setattr(args, key, preset[key])
     if args.device is None:
@@ -257,11 +271,91 @@ def apply_preset(args: argparse.Namespace) -> argparse.Namespace:
 # proportion on a CPU budget: ViT-S/16 (22.0M parameters, width 384) at 32 px (4 patches + CLS) with 32-px images,
 # ~1.4 MiB per view vs 0.06 MiB per image, ~23:1 (ViT-Ti/16 at 32 px with 40-px images was ~5:1 and understated every
 # ratio). Two-phase chunk: 32 views of ViT-B (6.3k tokens per matmul) keep an H100 busy at ~0.6 GiB of checkpointed
-# activations; 16 views on CPU.
-QUICK = {"model": "vit_small_patch16_224", "crop": 32, "syn_res": 32, "chunk": 16,
-         "grid": ["100x1x3", "100x1x1", "10x1x1", "50x1x1", "200x1x1"]}
+# activations. On CPU 50 views (250 tokens per matmul): at 16 views (80 rows per matmul) the CPU's GEMMs run so far
+# below their rate that every chunked mode paid for it (measured in process CPU time at C=100, A=1: two-phase 2.4×,
+# lagged 1.8× the single-phase step, where the FLOPs say 1.5× and 1.0×); 50 views still leave C·ipc = 50 to 200 in
+# whole chunks for the flatness check.
+# Recipes (as users run each method): LGM's published A = 10 (A = 3 on ImageNet-1k, where its README says memory
+# forbids more) with ipc·A·C real images loaded per step; SFM's A = 1 with no real image in the loop.
+QUICK = {"model": "vit_small_patch16_224", "crop": 32, "syn_res": 32, "chunk": 50,
+         "grid": ["100x1x3", "100x1x1", "10x1x1", "50x1x1", "200x1x1"], "recipes": ["100x1", "10x10"]}
 FULL = {"model": "vit_base_patch16_224", "crop": 224, "syn_res": 256, "chunk": 32,
-        "grid": ["100x1x3", "100x1x1", "10x1x1", "1000x1x1", "1000x1x3"]}
+        "grid": ["100x1x3", "100x1x1", "10x1x1", "1000x1x1", "1000x1x3"],
+        "recipes": ["100x1", "100x10", "1000x1", "1000x10"]}
+RECIPE_LGM_AUGS = (10, 3)
+RECIPE_SFM_METHODS = ("sfm_single", "sfm_two_phase", "sfm_lagged")
+JPEGS_PER_CLASS = 10
+
+
+def parse_recipes(items: list[str]) -> list[tuple[int, int]]:
+    """["100x1", ...] -> [(C, ipc), ...]."""
+    out = []
+    for item in items:
+        parts = item.lower().split("x")
+        if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise ValueError(f"recipe entries are CxIPC with positive ints (e.g. 100x1), got {item!r}")
+        out.append((int(parts[0]), int(parts[1])))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ LGM's real loader
+def write_jpeg_folder(root: Path, num_classes: int, per_class: int = JPEGS_PER_CLASS, seed: int = 0) -> Path:
+    """An ImageFolder of real JPEGs (root/c0000/k.jpg): scikit-image's bundled photos, randomly cropped, resized to an
+    ImageNet-like longer side of 300-600 px, re-encoded at quality 75-95. Returns root."""
+    import numpy as np
+    import skimage.data
+    from PIL import Image
+
+    names = ["astronaut.png", "chelsea.png", "coffee.png", "motorcycle_left.png", "rocket.jpg", "retina.jpg",
+             "hubble_deep_field.jpg", "motorcycle_right.png", "ihc.png", "color.png"]
+    folder = Path(skimage.data.__file__).parent
+    photos = [Image.open(folder / n).convert("RGB") for n in names]
+    rng = np.random.default_rng(seed)
+    for c in range(num_classes):
+        (root / f"c{c:04d}").mkdir(parents=True, exist_ok=True)
+        for k in range(per_class):
+            im = photos[int(rng.integers(len(photos)))]
+            w, h = im.size
+            cw, ch = int(w * rng.uniform(0.5, 1.0)), int(h * rng.uniform(0.5, 1.0))
+            x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+            long_side = int(rng.integers(300, 601))
+            scale = long_side / max(cw, ch)
+            tile = im.crop((x0, y0, x0 + cw, y0 + ch)).resize((max(32, round(cw * scale)), max(32, round(ch * scale))),
+                                                             Image.BICUBIC)
+            tile.save(root / f"c{c:04d}" / f"{k}.jpg", "JPEG", quality=int(rng.integers(75, 96)))
+    return root
+
+
+class _PerClassBatches:
+    """Batch sampler: each batch holds `per_class` random files of every class, class-major (LGM's real batch)."""
+
+    def __init__(self, targets: list[int], num_classes: int, per_class: int, seed: int = 0):
+        self.by_class = [[i for i, t in enumerate(targets) if t == c] for c in range(num_classes)]
+        self.per_class = per_class
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __iter__(self):
+        while True:
+            batch = []
+            for files in self.by_class:
+                pick = torch.randint(len(files), (self.per_class,), generator=self.generator)
+                batch.extend(files[int(i)] for i in pick)
+            yield batch
+
+
+def lgm_loader(root: Path, num_classes: int, per_class: int, res: int, workers: int):
+    """LGM's kind of loader: torchvision ImageFolder (PIL decode) + Resize(res) + CenterCrop(res) + ToTensor, a
+    DataLoader with `workers` worker processes (prefetch_factor 1) yielding one batch of per_class·C images per step.
+    Returns an iterator of (images float [per_class·C, 3, res, res], labels int64)."""
+    from torchvision import datasets, transforms
+
+    tf = transforms.Compose([transforms.Resize(res), transforms.CenterCrop(res), transforms.ToTensor()])
+    data = datasets.ImageFolder(str(root), transform=tf)
+    if len(data.classes) < num_classes:
+        raise ValueError(f"{root}: {len(data.classes)} class folders, need {num_classes}")
+    sampler = _PerClassBatches(data.targets, num_classes, per_class)
+    extra = {"prefetch_factor": 1, "persistent_workers": True} if workers > 0 else {}
+    return iter(torch.utils.data.DataLoader(data, batch_sampler=sampler, num_workers=workers, **extra))
 
 
 def warm_up(backbone, *, syn_res: int, crop: int) -> None:

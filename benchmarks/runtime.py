@@ -7,6 +7,12 @@ the run. FLOPs per step are counted once per (method, configuration) with torch.
 (matmuls/convolutions/attention, forward and backward, recomputation included). On a GPU the MFU of each step is
 FLOPs / (seconds × peak), with the peak a measured bf16 8192² matmul rate. Appends a table to benchmarks/RESULTS.md.
 
+Recipes section (after the equal-A table): each method as its users run it. LGM at A = 10 and A = 3 (ipc·A·C real
+images per step) against sfmkern at A = 1 for each C×ipc of --recipes; per step (LGM's real batch a random tensor)
+and end to end, where LGM's real batch is decoded every step from JPEG files on disk (written to a temp folder from
+scikit-image's photos) by its kind of loader (torchvision ImageFolder: PIL + Resize + CenterCrop + ToTensor, a
+DataLoader with --loader-workers workers) and sfmkern's statistics are already collected (its end to end is its step).
+
     python benchmarks/runtime.py --quick          # CPU, ViT-S/16 at 32 px, < 5 min on 2 cores
     python benchmarks/runtime.py                  # GPU: ViT-B/16 at 224 px, C up to 1000, MFU at C=1000
 """
@@ -15,9 +21,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import _common as common
 import torch
@@ -53,6 +62,147 @@ def count_flops(case, method: str) -> int:
     return int(counter.get_total_flops())
 
 
+def _timed_step(case, method: str, device, real_batch=None) -> tuple[float, float] | None:
+    """(wall seconds, this process's CPU seconds) of one step (None on CUDA out-of-memory)."""
+    common.prepare(case, method)
+    try:
+        _sync(device)
+        t0, c0 = time.perf_counter(), time.process_time()
+        float(common.run_step(case, method, real_batch))
+        _sync(device)
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return None
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def _auto_mode(case) -> str:
+    """The mode `mode="auto"` picks for this case with the chunk from the default budget of its device."""
+    d = case.distiller
+    fixed = d.chunk_size
+    d.chunk_size = None
+    try:
+        return d.resolve_mode("auto")
+    finally:
+        d.chunk_size = fixed
+
+
+def run_recipes(args, backbone, device) -> list[str]:
+    """The recipe section's lines: per-step and end-to-end seconds and FLOPs of LGM (A=10, 3) vs sfmkern (A=1)."""
+    recipes = common.parse_recipes(args.recipes)
+    folder = Path(tempfile.mkdtemp(prefix="sfmkern-lgm-jpegs-"))
+    t0 = time.perf_counter()
+    try:
+        common.write_jpeg_folder(folder, max(c for c, _ in recipes))
+        files = sorted(folder.rglob("*.jpg"))
+        write_s = time.perf_counter() - t0
+        mean_kib = sum(f.stat().st_size for f in files) / len(files) / 1024
+        out = []
+        for c, ipc in recipes:
+            out.append(_one_recipe(args, backbone, device, folder, c, ipc))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    lines = [
+        "### Recipes: each method as its users run it (LGM at A=10 and A=3 with its real loader; sfmkern at A=1)",
+        "",
+        f"LGM's real batch per step: ipc·A·C JPEGs ({len(files)} files, {mean_kib:.0f} KiB on average, longer side "
+        f"300-600 px, written in {write_s:.0f} s to a temp folder and read back through the page cache) decoded by "
+        f"torchvision ImageFolder (PIL) + Resize({args.syn_res}) + CenterCrop({args.syn_res}) + ToTensor in a "
+        f"DataLoader with {args.loader_workers} worker process(es), prefetch_factor 1; end to end = the steady-state "
+        f"seconds per step of a loop that takes its batch from the loader (2 untimed steps fill the queue, then "
+        f"{args.repeats} timed). sfmkern end to end = its step (statistics already collected; no image in the loop). "
+        "Per step: LGM's batch is a random tensor (as in the equal-A table). GFLOP per step (forward + backward, "
+        "recomputation included; decoding not counted) beside every time. Speed-up = LGM s/step ÷ sfmkern s/step "
+        "(sfmkern at the mode `auto` picks under the default budget of the device; memory-flat modes beside it).",
+        "",
+        "| C | ipc | method | A | views | per step s (GFLOP) | end to end s/step | loader alone img/s |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    verdicts = []
+    for rows, verdict in out:
+        lines += rows
+        verdicts += verdict
+    return lines + [""] + verdicts + [""]
+
+
+def _one_recipe(args, backbone, device, folder: Path, c: int, ipc: int):
+    cells = [("lgm", a) for a in common.RECIPE_LGM_AUGS] + [(m, 1) for m in common.RECIPE_SFM_METHODS]
+    cases = {a: common.make_case(backbone, c, ipc, a, syn_res=args.syn_res, crop=args.crop, chunk=args.chunk)
+             for a in common.RECIPE_LGM_AUGS}
+    sfm_case = common.make_case(backbone, c, ipc, 1, syn_res=args.syn_res, crop=args.crop, chunk=args.chunk)
+    auto = {"single": "sfm_single", "two_phase": "sfm_two_phase"}[_auto_mode(sfm_case)]
+
+    def case_of(method, a):
+        return cases[a] if method == "lgm" else sfm_case
+
+    times = {cell: [] for cell in cells}
+    for r in range(args.repeats + 1):  # interleaved, rotating order, first round untimed
+        order = cells[r % len(cells):] + cells[: r % len(cells)]
+        for cell in order:
+            t = _timed_step(case_of(*cell), cell[0], device) if times[cell] is not None else None
+            if t is None:
+                times[cell] = None
+            elif r > 0:
+                times[cell].append(t)
+    flops = {cell: count_flops(case_of(*cell), cell[0]) if times[cell] and not args.no_flops else None
+             for cell in cells}
+    e2e, loader_rate = {}, {}
+    for a in common.RECIPE_LGM_AUGS:
+        if not times[("lgm", a)]:
+            continue
+        loader = common.lgm_loader(folder, c, ipc * a, args.syn_res, args.loader_workers)
+        t0 = time.perf_counter()
+        for _ in range(2):
+            next(loader)
+        loader_rate[a] = 2 * c * ipc * a / (time.perf_counter() - t0)  # queue empty at start: the loader alone
+        steps = []
+        for k in range(args.repeats + 2):
+            _sync(device)
+            t0 = time.perf_counter()
+            batch = next(loader)
+            _timed_step(cases[a], "lgm", device, batch)  # LGM's step: forward, backward, Adam
+            if k >= 2:
+                steps.append(time.perf_counter() - t0)
+        e2e[a] = statistics.median(steps)
+        del loader
+    common.prepare_free(backbone)
+    med = {cell: statistics.median(t[0] for t in ts) if ts else None for cell, ts in times.items()}
+    cpu = {cell: statistics.median(t[1] for t in ts) if ts else None for cell, ts in times.items()}
+    rows = []
+    for cell in cells:
+        method, a = cell
+        name = f"LGM (A={a})" if method == "lgm" else common.LABELS[method] + (" ← auto" if method == auto else "")
+        t = med[cell]
+        per = "OOM" if t is None else f"{t:.3f}" + (f" ({flops[cell] / 1e9:.1f})" if flops[cell] else "")
+        end = (f"{e2e[a]:.3f}" if a in e2e else "–") if method == "lgm" else per.split(" ")[0]
+        rate = f"{loader_rate[a]:.0f}" if method == "lgm" and a in loader_rate else "–"
+        rows.append(f"| {c} | {ipc} | {name} | {a} | {c * ipc * a} | {per} | {end} | {rate} |")
+    verdicts = []
+    for a, goal_step, goal_e2e in ((3, 6, 8), (10, None, None)):
+        t_lgm, mine = med.get(("lgm", a)), med.get((auto, 1))
+        if not t_lgm or not mine:
+            continue
+        for m in common.RECIPE_SFM_METHODS:
+            t_m = med.get((m, 1))
+            if not t_m:
+                continue
+            ratio, ratio_e2e = t_lgm / t_m, (e2e[a] / t_m if a in e2e else None)
+            ratio_cpu = cpu[("lgm", a)] / cpu[(m, 1)] if device.type == "cpu" else None
+            fl = f"; per step in process CPU time {ratio_cpu:.2f}×" if ratio_cpu else ""
+            if flops.get(("lgm", a)) and flops.get((m, 1)):
+                fl += f"; FLOP ratio {flops[('lgm', a)] / flops[(m, 1)]:.2f}×"
+            check = ""
+            if goal_step and m == auto:
+                ok_e2e = "PASS" if ratio_e2e and ratio_e2e >= goal_e2e else "FAIL"
+                check = (f" (goal ≥ {goal_step}× per step: {'PASS' if ratio >= goal_step else 'FAIL'}; "
+                         f"≥ {goal_e2e}× end to end: {ok_e2e})")
+            verdicts.append(f"- recipe C={c}, ipc={ipc}: LGM (A={a}) / {common.LABELS[m]} (A=1): per step "
+                            f"**{ratio:.2f}×**, end to end **{ratio_e2e:.2f}×**{fl}{check}"
+                            if ratio_e2e else f"- recipe C={c}, ipc={ipc}: LGM (A={a}) / {common.LABELS[m]}: "
+                            f"per step **{ratio:.2f}×**{fl}{check}")
+    return rows, verdicts
+
+
 def main() -> int:
     parser = common.add_step_arguments(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds (after one warm-up round)")
@@ -72,7 +222,7 @@ def main() -> int:
     for c, ipc, a in grid:
         case = common.make_case(backbone, c, ipc, a, syn_res=args.syn_res, crop=args.crop, chunk=args.chunk)
         methods = list(args.methods)
-        cells = {m: {"times": [], "flops": None, "oom": False} for m in methods}
+        cells = {m: {"times": [], "cpu": [], "flops": None, "oom": False} for m in methods}
         for r in range(args.repeats + 1):
             order = methods[r % len(methods):] + methods[: r % len(methods)]
             for m in order:
@@ -81,7 +231,7 @@ def main() -> int:
                 common.prepare(case, m)
                 try:
                     _sync(device)
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     loss = common.run_step(case, m)
                     float(loss)
                     _sync(device)
@@ -91,6 +241,7 @@ def main() -> int:
                     continue
                 if r > 0:
                     cells[m]["times"].append(time.perf_counter() - t0)
+                    cells[m]["cpu"].append(time.process_time() - c0)
         if not args.no_flops:
             for m in methods:
                 if not cells[m]["oom"]:
@@ -105,15 +256,27 @@ def main() -> int:
         common.prepare_free(backbone)
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    recipe_lines = run_recipes(args, backbone, device) if args.recipes else []
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     elapsed = time.perf_counter() - t_start
 
     def sec(cfg, m):
         cell = results.get((cfg, m))
         return statistics.median(cell["times"]) if cell and cell["times"] else None
 
+    def flops(cfg, m):
+        cell = results.get((cfg, m))
+        return cell["flops"] if cell else None
+
+    def cpu_sec(cfg, m):
+        cell = results.get((cfg, m))
+        return statistics.median(cell["cpu"]) if cell and cell["cpu"] else None
+
     def best_sfm(cfg):
         ts = [t for t in (sec(cfg, "sfm_single"), sec(cfg, "sfm_two_phase")) if t is not None]
         return min(ts) if ts else None
+
 
     dev = common.describe_machine(args.device)
     n_params = sum(p.numel() for p in backbone.model.parameters())
@@ -127,7 +290,7 @@ def main() -> int:
         + f"; median of {args.repeats} interleaved rounds after a warm-up round; one step = forward, backward and "
         f"Adam. Ratios: time / the faster sfmkern mode of the same configuration. "
         + (f"Measured bf16 matmul peak {peak / 1e12:.0f} TFLOP/s. " if peak else "")
-        + f"Load average before: {load_before}; run took {elapsed:.0f} s.",
+        + f"Load average before: {load_before}, after: {common.load_average()}; run took {elapsed:.0f} s.",
         "",
         "| C | ipc | A | views | " + " | ".join(f"{common.LABELS[m]} s/step (×, GFLOP"
                                              + (", MFU" if peak else "") + ")" for m in args.methods) + " |",
@@ -164,13 +327,20 @@ def main() -> int:
     if "lgm" in args.methods:
         lines.append(verdict("lgm", (100, 1, 3), 4, 6))
         lines.append(verdict("lgm", (100, 1, 3), 4, 6, "sfm_two_phase"))
+    for m, goal in (("sfm_two_phase", 1.6), ("sfm_lagged", 1.1), ("sfm_two_phase_ckpt", None)):
+        for cfg in grid:
+            t, single = sec(cfg, m), sec(cfg, "sfm_single")
+            if t and single and cfg[0] * cfg[1] * cfg[2] >= args.chunk:
+                check = f" (goal ≤ {goal}×: {'PASS' if t / single <= goal else 'FAIL'})" if goal else ""
+                cpu = (f"; process CPU time {cpu_sec(cfg, m) / cpu_sec(cfg, 'sfm_single'):.2f}×"
+                       if device.type == "cpu" else "")
+                fl = flops(cfg, m), flops(cfg, "sfm_single")
+                lines.append(f"- time, {common.LABELS[m]} / sfmkern single-phase at C={cfg[0]}, ipc={cfg[1]}, "
+                             f"A={cfg[2]}: **{t / single:.2f}×**{check}{cpu}"
+                             + (f"; FLOPs {fl[0] / fl[1]:.2f}×" if all(fl) else ""))
     if "public_sfm" in args.methods:
         for cfg in grid:
             lines.append(verdict("public_sfm", cfg, 1.0, 1.3, "sfm_single"))
-
-    def flops(cfg, m):
-        cell = results.get((cfg, m))
-        return cell["flops"] if cell else None
 
     for other in ("lgm", "public_sfm"):  # the compute-bound ceiling of the time ratios above
         for cfg in grid:
@@ -190,7 +360,7 @@ def main() -> int:
                                  f"(goal ≥ 50%: {'PASS' if mfu >= 0.5 else 'FAIL'})")
     else:
         lines.append("- MFU: not measured (no GPU)")
-    text = "\n".join(lines) + "\n"
+    text = "\n".join(lines + [""] + recipe_lines) + "\n"
     print("\n" + text)
     if not args.no_append:
         print(f"appended to {common.append_results(text)}")

@@ -24,6 +24,8 @@ _LAZY = {
     "fit_full_head": "sfmkern.evaluate",
     "load_backbone": "sfmkern.backbone",
     "Backbone": "sfmkern.backbone",
+    "plan": "sfmkern.plan",
+    "Plan": "sfmkern.plan",
 }
 
 _SUBMODULES = {"augment", "backbone", "baselines", "data", "ops", "reference", "stats"}

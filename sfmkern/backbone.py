@@ -23,6 +23,7 @@ projection/classifier head are removed before the strict check. The ``*_offline`
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -292,6 +293,19 @@ class Backbone:
         self.model.set_grad_checkpointing(bool(on))
         self.grad_checkpointing = bool(on)
         return self
+
+    @contextlib.contextmanager
+    def grad_checkpointing_on(self, on: bool = True):
+        """Within the block, activation checkpointing is on when `on` (or when it already was); the previous setting
+        is restored on exit. The distillation step uses it only when one chunk of plain autograd exceeds its budget."""
+        switch = bool(on) and not self.grad_checkpointing
+        if switch:
+            self.set_grad_checkpointing(True)
+        try:
+            yield self
+        finally:
+            if switch:
+                self.set_grad_checkpointing(False)
 
     def _check_images(self, x: torch.Tensor, layout: str) -> None:
         if not isinstance(x, torch.Tensor):

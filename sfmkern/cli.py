@@ -1,9 +1,10 @@
-"""The `sfmkern` command line (also `python -m sfmkern`): subcommands stats, distill, eval and demo.
+"""The `sfmkern` command line (also `python -m sfmkern`): subcommands stats, distill, eval, demo and plan.
 
     sfmkern stats   --data train/ --backbone dinov2_vitb --out stats.safetensors [--cache-features]
     sfmkern distill --stats stats.safetensors --backbone dinov2_vitb --out-dir run/ --ipc 1 --steps 5000
     sfmkern eval    --distilled run/distilled.safetensors --backbone dinov2_vitb --test val/ [--mode inherit]
     sfmkern demo    --out demo/ [--quick]
+    sfmkern plan    --backbone dinov2_vitb --classes 1000 --ipc 10 --max-memory 80GiB --tflops 400
 
 Flags mirror the Python API (`collect_stats`, `distill`, `evaluate`, `sfmkern.baselines`); `--config FILE` reads
 the same options from a YAML or JSON file (see `sfmkern.config`), and explicit flags win over it. Data is an
@@ -356,6 +357,19 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from sfmkern.plan import plan
+
+    _require(args, "backbone", "classes")
+    args.no_pretrained, args.checkpoint = True, None  # memory and FLOPs do not depend on the weights
+    backbone = _load_backbone(args)
+    result = plan(backbone, args.classes, ipc=args.ipc, augs=args.augs, crop=args.crop, syn_res=args.syn_res,
+                  max_memory=args.max_memory, mode=args.mode, chunk_size=args.chunk_size, tflops=args.tflops,
+                  measure_steps=args.measure_steps)
+    print(result)
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ parser
 def _common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("general")
@@ -387,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", metavar="FILE", help="YAML or JSON file of options for the subcommand")
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
-    sub = parser.add_subparsers(dest="command", metavar="{stats,distill,eval,demo}", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="{stats,distill,eval,demo,plan}", parser_class=_Parser)
 
     # stats -------------------------------------------------------------------------------------------------
     p = sub.add_parser("stats", help="per-class mean features of real images (collect_stats)",
@@ -431,8 +445,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="0.5 as in the code behind the published numbers, 0.0 as in LGM's later fix")
     p.add_argument("--max-memory", metavar="BYTES", help="device memory budget, e.g. 8GiB (sets the chunk size)")
     p.add_argument("--chunk-size", type=int, help="views per chunk of the two-phase step")
-    p.add_argument("--mode", choices=("auto", "single", "two_phase"), default="auto",
-                   help="step: single-phase when every view fits one chunk (auto), or force one (default auto)")
+    p.add_argument("--mode", choices=("auto", "single", "two_phase", "lagged"), default="auto",
+                   help="step: single-phase when every view fits one chunk, else two-phase (auto), or force one; "
+                        "lagged: memory-flat at single-phase cost, back-propagating the previous step's G "
+                        "(docs/distill.md) (default auto)")
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
     p.add_argument("--log-every", type=int, default=10, help="steps between loss checks / progress updates")
     p.add_argument("--no-resume", action="store_true", help="start over instead of resuming a checkpoint")
@@ -514,6 +530,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fresh", action="store_true", help="recompute everything instead of reusing OUT's files")
     _common(p)
     p.set_defaults(func=cmd_demo)
+
+    # plan --------------------------------------------------------------------------------------------------
+    p = sub.add_parser("plan", help="mode, chunk, peak memory, FLOPs and time per step of a run (sfmkern.plan)",
+                       description="Plan a distillation run before starting it (random weights: memory and FLOPs "
+                                   "do not depend on them).")
+    _backbone_options(p)
+    p.add_argument("--classes", type=int, help="number of classes C (required)")
+    p.add_argument("--ipc", type=int, default=1, help="images per class (default 1)")
+    p.add_argument("--augs", type=int, default=1, help="augmented views per image per step (default 1)")
+    p.add_argument("--crop", type=int, help="backbone input side (default: the backbone's)")
+    p.add_argument("--syn-res", type=int, help="synthetic image side (default 256)")
+    p.add_argument("--max-memory", metavar="BYTES", help="device memory budget, e.g. 80GiB (default: free CUDA "
+                   "memory; none on CPU)")
+    p.add_argument("--chunk-size", type=int, help="views per chunk (default: from the budget)")
+    p.add_argument("--mode", choices=("auto", "single", "two_phase", "lagged"), default="auto")
+    p.add_argument("--tflops", type=float, help="sustained TFLOP/s for the time per step")
+    p.add_argument("--measure-steps", type=int, default=0,
+                   help="time this many probe steps on --device instead (default 0: not measured)")
+    _common(p)
+    p.set_defaults(func=cmd_plan)
     return parser
 
 

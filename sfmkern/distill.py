@@ -2,12 +2,18 @@
 
 One step (`Distiller.step`):
   draw the augmentations of every view (CPU generator, identical on every rank) ->
-  single-phase: render, augment, forward with autograd, `ops.sfm_loss`, backward (when one chunk holds every view);
+  single-phase: render, augment, forward with autograd, `ops.class_sums` -> (L, G) -> back-propagate G[y]/n_y
+                (when one chunk holds every view);
   two-phase:    phase 1, per chunk of views without autograd: render only that chunk's images, augment, features,
-                `ops.class_sums` (all-reduced across ranks) -> `ops.flow_loss_and_grad` gives L and G = dL/dμ̃;
+                `ops.class_sums` (all-reduced across ranks) -> `Distiller._loss_and_grad` gives L and G = dL/dμ̃;
                 phase 2, per chunk: render and augment again with autograd (same stored draws), features, and
-                back-propagate `ops.feature_grad(G, counts, labels)` = G[y]/n_y into that chunk's images only ->
+                back-propagate `ops.feature_grad(G, counts, labels)` = G[y]/n_y into that chunk's images only;
+  lagged (opt-in): one pass, per chunk with autograd: features, add their class sums, back-propagate the G of the
+                previous step's class sums; after the pass (L, G) of this step's sums is kept for the next step. The
+                first step, and the first after a pyramid growth, is an exact two-phase step ->
   Adam on every pyramid level.
+Activation checkpointing is switched on (for the autograd passes only) when the memory budget does not hold a chunk of
+`_MIN_PLAIN_CHUNK` views of plain autograd; otherwise the step never pays for the recomputation.
 View labels are non-decreasing (class-major images, image-major views), so the ops take their atomic-free,
 deterministic segmented path (`sorted_labels=True`). Peak memory is one chunk's activations plus the images'
 parameters, gradients and Adam state, whatever C·ipc is: the gradient of a chunk is accumulated into a preallocated
@@ -38,8 +44,10 @@ from sfmkern._callable import make_module_callable
 from sfmkern._nvtx import nvtx_range
 from sfmkern.synthetic import PARAMETERISATIONS, SyntheticImages, decode, level_sizes
 
-MODES = ("auto", "single", "two_phase")
+MODES = ("auto", "single", "two_phase", "lagged")
 _CPU_DEFAULT_CHUNK = 256  # views per chunk on CPU when no memory budget is given
+_MIN_PLAIN_CHUNK = 8  # fewer views per chunk of plain autograd than this: checkpointing (larger chunks) instead
+_PROBE_TRANSIENT = 1.5  # activation bytes per view = bytes saved for backward × this (transients of the backward)
 _CHECKPOINT_FORMAT = "sfmkern.distill.checkpoint/1"
 _DISTILLED_FORMAT = "sfmkern.DistilledSet/1"
 # Config fields that change the trajectory: a checkpoint written under other values cannot be resumed.
@@ -158,6 +166,23 @@ def _same_device(a, b) -> bool:
 
 def _shard(num_images: int, rank: int, world: int) -> tuple[int, int]:
     return rank * num_images // world, (rank + 1) * num_images // world
+
+
+def own_bytes_max(num_images: int, syn_res: int, param: str = "pyramid") -> int:
+    """Bytes of `num_images` images at full pyramid with gradients and Adam m and v (4 fp32 copies)."""
+    sizes = [syn_res] if param == "pixels" else level_sizes(syn_res)
+    return 4 * 4 * num_images * 3 * sum(s * s for s in sizes)
+
+
+def chunk_for_budget(budget: float, bytes_per_view, num_views: int) -> tuple[int, bool]:
+    """(views per chunk, activation checkpointing?) for an activation budget in bytes. `bytes_per_view(checkpointing)`
+    gives the activation bytes of one view. Plain autograd when a chunk of min(_MIN_PLAIN_CHUNK, num_views) views
+    fits (the recomputation of checkpointing costs a forward); else the chunk that checkpointing allows."""
+    plain = bytes_per_view(False)
+    chunk = int(budget // plain)
+    if chunk >= min(_MIN_PLAIN_CHUNK, num_views):
+        return max(1, chunk), False
+    return max(1, int(budget // bytes_per_view(True))), True
 
 
 def _to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -328,6 +353,8 @@ class Distiller:
         self.aug_generator = torch.Generator().manual_seed(cfg.seed)
         self.step_count = 0
         self.chunk_size: int | None = cfg.chunk_size
+        self.checkpointing = False  # switch activation checkpointing on in the autograd passes (resolve_chunk_size)
+        self._lagged: tuple[torch.Tensor, torch.Tensor, int] | None = None  # (G, counts, levels) for mode "lagged"
         self._nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         self._new_optimizer()
 
@@ -403,35 +430,43 @@ class Distiller:
                 level.grad[lo:hi].add_(leaf.grad)
 
     # -------------------------------------------------------------------------------------------- chunking
-    def resolve_chunk_size(self) -> int:
-        """Views per chunk: `config.chunk_size`, else from `max_memory` or free CUDA memory (activation bytes per
-        view measured by a probe forward), else 256 on CPU. Never more than this rank's views."""
+    def activation_budget(self) -> int | None:
+        """Bytes the chunks' activations may use: `max_memory` less the backbone's weights and the images' largest
+        parameters, gradients and Adam state; else 85% of free CUDA memory less what the images will still grow by;
+        None on CPU without `max_memory`."""
         cfg = self.config
-        if self.chunk_size is not None:
-            return min(self.chunk_size, self.num_views)
-        budget = None
-        sizes = [self.images.resolution] if cfg.param == "pixels" else level_sizes(self.images.resolution)
-        own_max = 4 * 4 * len(self.images) * 3 * sum(s * s for s in sizes)  # params, grads, Adam m and v (fp32)
+        own_max = own_bytes_max(len(self.images), cfg.syn_res, cfg.param)
         if cfg.max_memory is not None:
             model_bytes = sum(p.numel() * p.element_size() for p in self.backbone.model.parameters())
             budget = cfg.max_memory - model_bytes - own_max
             if budget <= 0:
                 raise ValueError(f"max_memory={cfg.max_memory} bytes does not even hold the backbone "
                                  f"({model_bytes} B) and the images with their Adam state ({own_max} B)")
-        elif self.device.type == "cuda":
+            return budget
+        if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
-            budget = int(0.85 * free) - (own_max - self.own_bytes())
+            return int(0.85 * free) - (own_max - self.own_bytes())
+        return None
+
+    def resolve_chunk_size(self) -> int:
+        """Views per chunk: `config.chunk_size`, else from the activation budget (`activation_budget`) and activation
+        bytes per view measured by a probe forward (`chunk_for_budget`: plain autograd when a chunk of
+        `_MIN_PLAIN_CHUNK` views fits, else activation checkpointing), else 256 on CPU. Never more than this rank's
+        views. Sets `self.checkpointing`."""
+        if self.chunk_size is not None:
+            return min(self.chunk_size, self.num_views)
+        budget = self.activation_budget()
         if budget is None:
-            chunk = _CPU_DEFAULT_CHUNK
+            chunk, self.checkpointing = _CPU_DEFAULT_CHUNK, False
         else:
-            per_view = self._probe_bytes_per_view()
-            chunk = max(1, int(budget // per_view))
+            chunk, self.checkpointing = chunk_for_budget(budget, self._probe_bytes_per_view, self.num_views)
         self.chunk_size = max(1, min(chunk, self.num_views))
         return self.chunk_size
 
-    def _probe_bytes_per_view(self) -> float:
+    def _probe_bytes_per_view(self, checkpointing: bool = False) -> float:
         """Activation bytes per view: tensors saved for backward during one forward of a few views (deduplicated
-        by storage, weights excluded), times 1.5 for transients (an estimate; pass chunk_size= to override)."""
+        by storage, weights excluded; with `checkpointing`, under activation checkpointing), times 1.5 for
+        transients (an estimate; pass chunk_size= to override)."""
         k = min(2 * self.config.augs, self.num_views)
         weights = {p.untyped_storage().data_ptr() for p in self.backbone.model.parameters()}
         seen: dict[int, int] = {}
@@ -444,11 +479,12 @@ class Distiller:
             return t
 
         lo, hi, part = self._chunk_views(self._draw_views(torch.Generator().manual_seed(0)), 0, k)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+                self.backbone.grad_checkpointing_on(checkpointing):
             images, _ = self._render_leaves(lo, hi)
             feats = self.backbone.features(self._augment(images, part))
         del feats, images
-        return 1.5 * max(sum(seen.values()), 1) / k
+        return _PROBE_TRANSIENT * max(sum(seen.values()), 1) / k
 
     def resolve_mode(self, mode: str = "auto") -> str:
         if mode not in MODES:
@@ -478,29 +514,38 @@ class Distiller:
                 level.grad.zero_()
         if mode == "single":
             return self._single_phase(views)
+        if mode == "lagged":
+            return self._lagged_step(views)
         return self._two_phase(views)
+
+    def _loss_and_grad(self, sums: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L, G = dL/dμ̃) from the all-reduced class feature sums [C, D] and view counts [C]: the one place where
+        every step mode evaluates the objective."""
+        return self.ops.flow_loss_and_grad(sums, counts, self.real_flow)
+
+    def _autograd_features(self, images: torch.Tensor, views: augment.Views) -> torch.Tensor:
+        with self.backbone.grad_checkpointing_on(self.checkpointing):
+            return self.backbone.features(self._augment(images, views))
+
+    def _chunk_bounds(self) -> list[tuple[int, int]]:
+        chunk = self.resolve_chunk_size()
+        return [(v0, min(v0 + chunk, self.num_views)) for v0 in range(0, self.num_views, chunk)]
 
     def _single_phase(self, views: augment.Views) -> torch.Tensor:
         ops = self.ops
         images, leaves = self._render_leaves(0, len(self.images))
-        feats = self.backbone.features(self._augment(images, views))
-        if self.world == 1:
-            with nvtx_range("distill/loss"):
-                loss = ops.sfm_loss(feats, self.view_labels, self.real_flow, sorted_labels=True)
-            loss.backward()
-        else:
-            with nvtx_range("distill/loss"):
-                sums, counts = ops.class_sums(feats.detach(), self.view_labels, self.num_classes, sorted_labels=True)
-                self._all_reduce(sums, counts)
-                loss, grad_mu = ops.flow_loss_and_grad(sums, counts, self.real_flow)
-            feats.backward(ops.feature_grad(grad_mu, counts, self.view_labels, dtype=feats.dtype))
+        feats = self._autograd_features(images, views)
+        with nvtx_range("distill/loss"):
+            sums, counts = ops.class_sums(feats.detach(), self.view_labels, self.num_classes, sorted_labels=True)
+            self._all_reduce(sums, counts)
+            loss, grad_mu = self._loss_and_grad(sums, counts)
+        feats.backward(ops.feature_grad(grad_mu, counts, self.view_labels, dtype=feats.dtype))
         self._accumulate(0, len(self.images), leaves)
         return loss.detach()
 
-    def _two_phase(self, views: augment.Views) -> torch.Tensor:
+    def _two_phase(self, views: augment.Views, *, keep_grad: bool = False) -> torch.Tensor:
         ops = self.ops
-        chunk = self.resolve_chunk_size()
-        bounds = [(v0, min(v0 + chunk, self.num_views)) for v0 in range(0, self.num_views, chunk)]
+        bounds = self._chunk_bounds()
         sums = torch.zeros(self.num_classes, self.real_flow.shape[1], dtype=torch.float32, device=self.device)
         counts = torch.zeros(self.num_classes, dtype=torch.int64, device=self.device)
         with nvtx_range("distill/phase-1"), torch.no_grad():
@@ -516,16 +561,47 @@ class Distiller:
                 del images, feats
         with nvtx_range("distill/loss"):
             self._all_reduce(sums, counts)
-            loss, grad_mu = ops.flow_loss_and_grad(sums, counts, self.real_flow)
+            loss, grad_mu = self._loss_and_grad(sums, counts)
         with nvtx_range("distill/phase-2"):
             for v0, v1 in bounds:
                 lo, hi, part = self._chunk_views(views, v0, v1)
                 images, leaves = self._render_leaves(lo, hi)
-                feats = self.backbone.features(self._augment(images, part))
+                feats = self._autograd_features(images, part)
                 labels = self.view_labels[v0:v1]
                 feats.backward(ops.feature_grad(grad_mu, counts, labels, dtype=feats.dtype))
                 self._accumulate(lo, hi, leaves)
                 del images, feats, leaves
+        if keep_grad:
+            self._lagged = (grad_mu, counts, self.images.num_levels)
+        return loss.detach()
+
+    def _lagged_step(self, views: augment.Views) -> torch.Tensor:
+        """One autograd pass: each chunk back-propagates the previous step's G while adding up this step's class
+        sums, whose (L, G) is kept for the next step. An exact two-phase step when there is no previous G or the
+        pyramid grew since (the images changed outside Adam). Returns this step's exact loss."""
+        if self._lagged is None or self._lagged[2] != self.images.num_levels:
+            return self._two_phase(views, keep_grad=True)
+        ops = self.ops
+        grad_prev, counts_prev, _ = self._lagged
+        sums = torch.zeros(self.num_classes, self.real_flow.shape[1], dtype=torch.float32, device=self.device)
+        counts = torch.zeros(self.num_classes, dtype=torch.int64, device=self.device)
+        with nvtx_range("distill/lagged"):
+            for v0, v1 in self._chunk_bounds():
+                lo, hi, part = self._chunk_views(views, v0, v1)
+                images, leaves = self._render_leaves(lo, hi)
+                feats = self._autograd_features(images, part)
+                labels = self.view_labels[v0:v1]
+                chunk_sums, chunk_counts = ops.class_sums(feats.detach(), labels, self.num_classes, sorted_labels=True)
+                sums += chunk_sums
+                counts += chunk_counts
+                # the view counts per class are the same every step: the previous step's global counts apply
+                feats.backward(ops.feature_grad(grad_prev, counts_prev, labels, dtype=feats.dtype))
+                self._accumulate(lo, hi, leaves)
+                del images, feats, leaves
+        with nvtx_range("distill/loss"):
+            self._all_reduce(sums, counts)
+            loss, grad_mu = self._loss_and_grad(sums, counts)
+        self._lagged = (grad_mu, counts, self.images.num_levels)
         return loss.detach()
 
     def step(self, mode: str = "auto") -> torch.Tensor:
@@ -596,6 +672,10 @@ class Distiller:
     def save_checkpoint(self, path: str | os.PathLike) -> Path:
         """Atomically save levels, Adam state, the augmentation RNG state and the step (this rank's shard)."""
         tensors = {"aug_rng": self.aug_generator.get_state()}
+        lagged_levels = 0
+        if self._lagged is not None:  # the G that the next "lagged" step back-propagates
+            tensors["lagged_grad"], tensors["lagged_counts"] = self._lagged[0].detach(), self._lagged[1].detach()
+            lagged_levels = self._lagged[2]
         for k, level in enumerate(self.images.levels):
             tensors[f"level{k}"] = level.detach()
             state = self.optimizer.state.get(level, {})
@@ -603,7 +683,7 @@ class Distiller:
                 if key in state:
                     tensors[f"adam_{key}{k}"] = torch.as_tensor(state[key]).detach()
         meta = {"format": _CHECKPOINT_FORMAT, "step": self.step_count, "num_levels": self.images.num_levels,
-                **self._identity()}
+                "lagged_levels": lagged_levels, **self._identity()}
         return _io.save_tensors(path, tensors, meta)
 
     def load_checkpoint(self, path: str | os.PathLike) -> int:
@@ -637,6 +717,10 @@ class Distiller:
             self.optimizer.load_state_dict(sd)
         self.aug_generator.set_state(tensors["aug_rng"])
         self.step_count = int(meta["step"])
+        self._lagged = None
+        if "lagged_grad" in tensors:
+            self._lagged = (tensors["lagged_grad"].to(self.device, torch.float32),
+                            tensors["lagged_counts"].to(self.device, torch.int64), int(meta.get("lagged_levels", 0)))
         self._nonfinite.zero_()
         return self.step_count
 
@@ -720,7 +804,8 @@ def distill(data_or_stats, backbone, *, ipc: int = 1, steps: int = 5000, augs: i
     (images, Adam state, RNG state, step) are written atomically every `checkpoint_every` steps and at the end,
     `resume=True` continues from one, and the result is saved as out_dir/distilled.safetensors. A non-finite loss
     (checked every `log_every` steps and before each checkpoint) raises FloatingPointError and keeps the last good
-    checkpoint. mode: "auto" (single-phase when one chunk holds every view), "single" or "two_phase".
+    checkpoint. mode: "auto" (single-phase when one chunk holds every view, else two-phase), "single",
+    "two_phase" or "lagged" (one autograd pass per step back-propagating the previous step's G; see docs/distill.md).
     A checkpoint is resumed only when written for the same statistics, backbone and trajectory settings (else
     ValueError naming the difference), and never past `steps` (a 300-step checkpoint and steps=100: ValueError);
     resuming or reusing a finished run is said in one line on stderr. While it runs, `out_dir` is locked
