@@ -473,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-per-class", type=int, metavar="N", help="test images per class (default: all)")
     p.add_argument("--ipc", type=int, nargs="+", help="images per class to distil (default 1 10)")
     p.add_argument("--steps", type=int, nargs="+",
-                   help="distillation steps, one per --ipc value (default 1000 100 on CPU, 1000 1000 on CUDA)")
+                   help="distillation steps, one per --ipc value (default 300 100 on CPU, 1000 1000 on CUDA)")
     p.add_argument("--epochs", type=int, help="probe epochs")
     p.add_argument("--runs", type=int, help="probe seeds")
     p.add_argument("--view-bank", type=int, metavar="K", help="augmented views per image for the probe")
