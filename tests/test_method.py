@@ -117,7 +117,7 @@ def test_real_start_picks_the_centroid_images(cached_stats, folder, backbone):
 
 
 def test_subcentre_flows_and_augmented_anchor(cached_stats, folder, backbone):
-    cfg = DistillConfig(ipc=2, anchor_images=3, anchor_views=2, **SMALL)
+    cfg = DistillConfig(ipc=2, objective="anchored", anchor_images=3, anchor_views=2, **SMALL)
     real = realdata.prepare(cached_stats, folder, backbone, cfg)
     assert real["targets"].shape == (3 * 2, backbone.feature_dim)
     assert real["anchor"].shape == (6, backbone.feature_dim) and bool(torch.isfinite(real["anchor"]).all())
