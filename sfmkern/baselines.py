@@ -35,6 +35,8 @@ from sfmkern.evaluate import (
     fit_full_head,
     stats_features,
 )
+from sfmkern.kmeans import kmeans as _kmeans
+from sfmkern.kmeans import nearest_distinct
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -93,34 +95,6 @@ def select_random(train_data, ipc: int, *, seed: int = 0, run: int = 0, image_si
                           meta={"baseline": "random-real", "ipc": ipc, "seed": seed, "run": run})
 
 
-def _kmeans(x: torch.Tensor, k: int, *, generator: torch.Generator, iters: int = 50) -> torch.Tensor:
-    """Lloyd's k-means with k-means++ seeding on x [n, D] float32 -> centres [k, D]. Empty clusters are re-seeded
-    with the point farthest from its centre."""
-    n = x.shape[0]
-    centres = x[torch.randint(0, n, (1,), generator=generator)].clone()
-    d2 = torch.cdist(x, centres).pow(2).min(dim=1).values
-    for _ in range(1, k):
-        probs = d2 / d2.sum() if float(d2.sum()) > 0 else torch.full((n,), 1.0 / n)
-        nxt = torch.multinomial(probs, 1, generator=generator)
-        centres = torch.cat([centres, x[nxt]])
-        d2 = torch.minimum(d2, torch.cdist(x, x[nxt]).pow(2).squeeze(1))
-    for _ in range(iters):
-        dist = torch.cdist(x, centres)
-        assign = dist.argmin(dim=1)
-        new = torch.zeros_like(centres).index_add_(0, assign, x)
-        counts = torch.bincount(assign, minlength=k).to(x.dtype)
-        empty = counts == 0
-        new = new / counts.clamp_min(1).unsqueeze(1)
-        if bool(empty.any()):
-            far = dist.gather(1, assign.view(-1, 1)).squeeze(1).argsort(descending=True)
-            new[empty] = x[far[: int(empty.sum())]]
-        if torch.allclose(new, centres):
-            centres = new
-            break
-        centres = new
-    return centres
-
-
 def select_centroid(
     train_data,
     features: FeatureSet,
@@ -155,14 +129,7 @@ def select_centroid(
             targets = (centres[c : c + 1] if centres is not None else x.mean(dim=0, keepdim=True))
         else:
             targets = _kmeans(x, ipc, generator=gen)
-        dist = torch.cdist(targets, x)  # [ipc, n_c]
-        picked: list[int] = []
-        for t in range(targets.shape[0]):  # nearest not-yet-picked member for each target, then fallbacks
-            for j in dist[t].argsort().tolist():
-                if j not in picked:
-                    picked.append(j)
-                    break
-        ranked = picked + [j for j in dist.min(dim=0).values.argsort().tolist() if j not in picked]
+        ranked = nearest_distinct(targets, x)  # nearest not-yet-picked member for each target, then fallbacks
         candidates = features.indices[member[torch.tensor(ranked)]].numpy()
         x_img, r = _load_first_readable(train_data, candidates, ipc, image_size, f"class {cname!r}")
         imgs.append(x_img)

@@ -34,6 +34,7 @@ import torch
 from sfmkern import _io, augment
 from sfmkern._callable import make_module_callable
 from sfmkern._nvtx import nvtx_range
+from sfmkern.realdata import add_anchor
 from sfmkern.synthetic import PARAMETERISATIONS, SyntheticImages, decode, level_sizes
 
 MODES = ("auto", "single", "two_phase")
@@ -42,7 +43,16 @@ _CHECKPOINT_FORMAT = "sfmkern.distill.checkpoint/1"
 _DISTILLED_FORMAT = "sfmkern.DistilledSet/1"
 # Config fields that change the trajectory: a checkpoint written under other values cannot be resumed.
 _TRAJECTORY_FIELDS = ("ipc", "augs", "lr", "syn_res", "crop", "seed", "grow_every", "param", "noise_std", "noise_p",
-                      "noise_mean", "flip_p", "scale", "ratio")
+                      "noise_mean", "flip_p", "scale", "ratio", "init", "objective", "anchor_weight", "anchor_target",
+                      "anchor_images", "anchor_views", "subcentres")
+INITS = ("real", "noise")
+OBJECTIVES = ("anchored", "sfm")
+ANCHOR_TARGETS = ("augmented", "centred")
+# The paper's schedule (Xia et al., 5000-step GPU runs): `paper_schedule()` gives these as distill() keywords.
+PAPER_SCHEDULE = {"lr": 2e-3, "grow_every": 200, "steps": 5000, "init": "noise", "objective": "sfm",
+                  "subcentres": False}
+# Default lr when `lr=None`, by start (calibration in docs/distill.md).
+DEFAULT_LR = {"noise": 1e-2, "real": 2e-3}
 
 
 @dataclass
@@ -58,11 +68,11 @@ class DistillConfig:
     ipc: int = 1
     steps: int = 5000
     augs: int = 1
-    lr: float = 2e-3
+    lr: float | None = None
     syn_res: int = 256
     crop: int = 224
     seed: int = 0
-    grow_every: int = 200
+    grow_every: int | None = None
     param: str = "pyramid"
     noise_std: float = 0.2
     noise_p: float = 0.5
@@ -74,20 +84,43 @@ class DistillConfig:
     max_memory: int | str | None = None
     checkpoint_every: int = 100
     log_every: int = 10
+    init: str = "real"
+    objective: str = "anchored"
+    anchor_weight: float = 10.0
+    anchor_target: str = "augmented"
+    anchor_images: int = 64
+    anchor_views: int = 4
+    subcentres: bool = True
+
+    @property
+    def effective_lr(self) -> float:
+        """`lr`, or when None the default for the start (`DEFAULT_LR[init]`)."""
+        return float(self.lr) if self.lr is not None else DEFAULT_LR[self.init]
+
+    @property
+    def effective_grow_every(self) -> int:
+        """`grow_every`, or when None the schedule derived from `steps`: every level from step 0 (0)."""
+        return int(self.grow_every) if self.grow_every is not None else 0
 
     def __post_init__(self):
         self.scale = tuple(float(v) for v in self.scale)
         self.ratio = tuple(float(v) for v in self.ratio)
-        for name in ("ipc", "steps", "augs", "syn_res", "crop", "checkpoint_every", "log_every"):
+        for name in ("ipc", "steps", "augs", "syn_res", "crop", "checkpoint_every", "log_every", "anchor_images",
+                     "anchor_views"):
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < (0 if name == "steps"
                                                                                                else 1):
                 raise ValueError(f"DistillConfig.{name} must be a positive int (steps: >= 0), got {value!r}")
-        if not (isinstance(self.grow_every, int) and self.grow_every >= 0):
-            raise ValueError(f"DistillConfig.grow_every must be an int >= 0, got {self.grow_every!r}")
+        if self.grow_every is not None and not (isinstance(self.grow_every, int) and self.grow_every >= 0):
+            raise ValueError(f"DistillConfig.grow_every must be None or an int >= 0, got {self.grow_every!r}")
+        for name, allowed in (("init", INITS), ("objective", OBJECTIVES), ("anchor_target", ANCHOR_TARGETS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"DistillConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not (math.isfinite(self.anchor_weight) and self.anchor_weight >= 0):
+            raise ValueError(f"DistillConfig.anchor_weight must be a finite float >= 0, got {self.anchor_weight!r}")
         if self.param not in PARAMETERISATIONS:
             raise ValueError(f"DistillConfig.param must be one of {PARAMETERISATIONS}, got {self.param!r}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"DistillConfig.lr must be a positive finite float, got {self.lr!r}")
         for name in ("noise_p", "flip_p"):
             if not 0.0 <= getattr(self, name) <= 1.0:
@@ -250,7 +283,8 @@ class Distiller:
     """
 
     def __init__(self, real_flow_or_stats, backbone, *, classes=None, config: DistillConfig | None = None,
-                 device=None):
+                 device=None, init_images: torch.Tensor | None = None, targets: torch.Tensor | None = None,
+                 anchor: torch.Tensor | None = None):
         from sfmkern import ops
 
         self.ops = ops
@@ -267,6 +301,7 @@ class Distiller:
                           "gradients)", stacklevel=2)
             backbone.model.requires_grad_(False)
 
+        centres = None
         if isinstance(real_flow_or_stats, torch.Tensor):
             real_flow = real_flow_or_stats
             self.stats_fingerprint = ""
@@ -277,7 +312,8 @@ class Distiller:
             if bb_fp and getattr(backbone, "fingerprint", None) and bb_fp != backbone.fingerprint:
                 raise ValueError("the statistics were collected with another backbone (fingerprint "
                                  f"{bb_fp[:12]}… vs {backbone.fingerprint[:12]}…)")
-            real_flow = ops.real_flow(torch.as_tensor(stats.centres).to(self.device, torch.float32))
+            centres = torch.as_tensor(stats.centres).to(self.device, torch.float32)
+            real_flow = ops.real_flow(centres)
             self.stats_fingerprint = str(getattr(stats, "fingerprint", ""))
             stats_classes = list(getattr(stats, "classes", []) or []) or None
         else:
@@ -289,21 +325,41 @@ class Distiller:
         if feature_dim is not None and real_flow.shape[1] != feature_dim:
             raise ValueError(f"real flow has D={real_flow.shape[1]} but the backbone's features have "
                              f"D={feature_dim}")
-        self.real_flow = real_flow.detach().to(self.device, torch.float32).contiguous()
-        self.num_classes = int(self.real_flow.shape[0])
+        num_real_classes = int(real_flow.shape[0])
         classes = classes if classes is not None else stats_classes
-        self.classes = [str(c) for c in classes] if classes is not None else [str(c) for c in range(self.num_classes)]
-        if len(self.classes) != self.num_classes:
-            raise ValueError(f"{len(self.classes)} class names for a real flow of {self.num_classes} classes")
+        self.classes = [str(c) for c in classes] if classes is not None else [str(c) for c in range(num_real_classes)]
+        if len(self.classes) != num_real_classes:
+            raise ValueError(f"{len(self.classes)} class names for a real flow of {num_real_classes} classes")
+        self.config = cfg = self._effective_config(centres, init_images, targets, anchor, num_real_classes)
+        per_image = targets is not None and cfg.ipc > 1 and cfg.subcentres
+        if per_image:  # sub-centre flows: image i is matched to target i (its class's sub-centre i % ipc)
+            centres = torch.as_tensor(targets).to(self.device, torch.float32)
+            real_flow = ops.real_flow(centres)
+        self.real_flow = real_flow.detach().to(self.device, torch.float32).contiguous()
+        # flow targets the ops reduce over: the classes, or with sub-centres every image's own sub-centre
+        self.num_classes = int(self.real_flow.shape[0])
+        self.anchor = None
+        if cfg.objective == "anchored":
+            target = anchor if anchor is not None else centres
+            self.anchor = torch.as_tensor(target).detach().to(self.device, torch.float32).contiguous()
+            if tuple(self.anchor.shape) != tuple(self.real_flow.shape):
+                raise ValueError(f"anchor must be {tuple(self.real_flow.shape)} (one row per flow target), got "
+                                 f"{tuple(self.anchor.shape)}")
 
         self.rank, self.world = _dist_info()
-        self.num_images = self.num_classes * cfg.ipc
+        self.num_images = num_real_classes * cfg.ipc
         if self.num_images < self.world:
             raise ValueError(f"{self.num_images} synthetic images cannot be sharded over {self.world} ranks")
         self.rows = _shard(self.num_images, self.rank, self.world)
-        self.images = SyntheticImages(self.num_images, cfg.syn_res, param=cfg.param, grow_every=cfg.grow_every,
-                                      seed=cfg.seed, rows=self.rows, device=self.device)
-        image_labels = torch.arange(*self.rows, dtype=torch.int64) // cfg.ipc
+        self.images = SyntheticImages(self.num_images, cfg.syn_res, param=cfg.param,
+                                      grow_every=cfg.effective_grow_every, seed=cfg.seed, rows=self.rows,
+                                      device=self.device)
+        if cfg.init == "real":
+            if tuple(init_images.shape) != (self.num_images, 3, cfg.syn_res, cfg.syn_res):
+                raise ValueError(f"init_images must be [{self.num_images}, 3, {cfg.syn_res}, {cfg.syn_res}], got "
+                                 f"{tuple(init_images.shape)}")
+            self.images.set_images(init_images[self.rows[0] : self.rows[1]])
+        image_labels = torch.arange(*self.rows, dtype=torch.int64) // (1 if per_image else cfg.ipc)
         self.view_labels = image_labels.repeat_interleave(cfg.augs).to(self.device)
         self.num_views = len(self.view_labels)  # views of this rank
         self.aug_generator = torch.Generator().manual_seed(cfg.seed)
@@ -312,14 +368,52 @@ class Distiller:
         self._nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         self._new_optimizer()
 
+    def _effective_config(self, centres, init_images, targets, anchor, num_classes) -> DistillConfig:
+        """The config with what cannot apply replaced (each with a warning): init="real" without init_images starts
+        from noise; objective="anchored" without class centres (a bare flow tensor) is the flow alone; the
+        "augmented" anchor without its targets anchors to the given centres, centred."""
+        cfg = self.config
+        changes = {}
+        if cfg.init == "real" and init_images is None:
+            warnings.warn("init='real' but no real images are reachable (pass init_data=, or statistics with a "
+                          "feature cache and their source): starting from noise", stacklevel=3)
+            changes["init"] = "noise"
+        if cfg.objective == "anchored" and centres is None and anchor is None:
+            warnings.warn("objective='anchored' needs class centres (statistics), not a bare flow: using the flow "
+                          "cosine alone (objective='sfm')", stacklevel=3)
+            changes["objective"] = "sfm"
+        elif cfg.objective == "anchored" and cfg.anchor_target == "augmented" and anchor is None:
+            warnings.warn("anchor_target='augmented' needs real images to compute the augmented centres: anchoring "
+                          "to the clean centres with their common offset removed (anchor_target='centred')",
+                          stacklevel=3)
+            changes["anchor_target"] = "centred"
+        if targets is not None and tuple(targets.shape)[0] != num_classes * cfg.ipc:
+            raise ValueError(f"targets must have {num_classes * cfg.ipc} rows (class-major, ipc per class), got "
+                             f"{tuple(targets.shape)}")
+        return dataclasses.replace(cfg, **changes) if changes else cfg
+
+    def _loss_and_grad(self, sums: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The objective on the (all-reduced) per-target feature sums [T, D] and counts [T] -> (loss, G = dL/dμ̃
+        [T, D]): the flow cosine, plus with objective="anchored" the anchoring term (realdata.add_anchor). Every
+        step mode computes its loss here."""
+        loss, grad = self.ops.flow_loss_and_grad(sums, counts, self.real_flow)
+        cfg = self.config
+        if self.anchor is None or cfg.anchor_weight == 0:
+            return loss, grad
+        anchor = self.anchor
+        if cfg.anchor_target == "centred":  # the targets moved by the common offset of the synthetic means
+            mu = sums / counts.clamp_min(1).to(sums.dtype).unsqueeze(1)
+            anchor = anchor - anchor.mean(0, keepdim=True) + mu.mean(0, keepdim=True)
+        return add_anchor(loss, grad, sums, counts, anchor, cfg.anchor_weight)
+
     # -------------------------------------------------------------------------------------------- state
     def _new_optimizer(self) -> None:
         # fused Adam updates in place without a full-size temporary (the for-loop version allocates one per level,
         # which would make the step's transient memory grow with C·ipc); plain Adam where fused is unsupported
         try:
-            self.optimizer = torch.optim.Adam(self.images.levels, lr=self.config.lr, fused=True)
+            self.optimizer = torch.optim.Adam(self.images.levels, lr=self.config.effective_lr, fused=True)
         except (RuntimeError, TypeError, ValueError):
-            self.optimizer = torch.optim.Adam(self.images.levels, lr=self.config.lr)
+            self.optimizer = torch.optim.Adam(self.images.levels, lr=self.config.effective_lr)
 
     def parameters(self) -> list[torch.Tensor]:
         """The pyramid levels of this rank (leaf float32 tensors, coarsest first)."""
@@ -464,16 +558,11 @@ class Distiller:
         ops = self.ops
         images, leaves = self._render_leaves(0, len(self.images))
         feats = self.backbone.features(self._augment(images, views))
-        if self.world == 1:
-            with nvtx_range("distill/loss"):
-                loss = ops.sfm_loss(feats, self.view_labels, self.real_flow, sorted_labels=True)
-            loss.backward()
-        else:
-            with nvtx_range("distill/loss"):
-                sums, counts = ops.class_sums(feats.detach(), self.view_labels, self.num_classes, sorted_labels=True)
-                self._all_reduce(sums, counts)
-                loss, grad_mu = ops.flow_loss_and_grad(sums, counts, self.real_flow)
-            feats.backward(ops.feature_grad(grad_mu, counts, self.view_labels, dtype=feats.dtype))
+        with nvtx_range("distill/loss"):
+            sums, counts = ops.class_sums(feats.detach(), self.view_labels, self.num_classes, sorted_labels=True)
+            self._all_reduce(sums, counts)
+            loss, grad_mu = self._loss_and_grad(sums, counts)
+        feats.backward(ops.feature_grad(grad_mu, counts, self.view_labels, dtype=feats.dtype))
         self._accumulate(0, len(self.images), leaves)
         return loss.detach()
 
@@ -496,7 +585,7 @@ class Distiller:
                 del images, feats
         with nvtx_range("distill/loss"):
             self._all_reduce(sums, counts)
-            loss, grad_mu = ops.flow_loss_and_grad(sums, counts, self.real_flow)
+            loss, grad_mu = self._loss_and_grad(sums, counts)
         with nvtx_range("distill/phase-2"):
             for v0, v1 in bounds:
                 lo, hi, part = self._chunk_views(views, v0, v1)
@@ -553,7 +642,8 @@ class Distiller:
     def distilled_set(self, extra_config: dict | None = None) -> DistilledSet:
         images = _to_uint8(self.float_images())
         labels = torch.arange(self.num_images, dtype=torch.int64) // self.config.ipc
-        config = {**self.config.to_dict(), "steps_done": self.step_count, **(extra_config or {})}
+        config = {**self.config.to_dict(), "steps_done": self.step_count, "effective_lr": self.config.effective_lr,
+                  "effective_grow_every": self.config.effective_grow_every, **(extra_config or {})}
         return DistilledSet(images, labels, self.classes, config, self.stats_fingerprint)
 
     # -------------------------------------------------------------------------------------------- checkpoints
@@ -632,15 +722,38 @@ def _resolve_stats(data_or_stats, backbone, *, crop: int, out_dir: Path | None, 
     resize = max(crop, round(crop * 256 / 224))
     out = out_dir / "stats.safetensors" if out_dir is not None else None
     return stats_mod.collect_stats(data_or_stats, backbone, resize=resize, crop=crop, out=out, resume=True,
-                                   progress=progress)
+                                   cache_features=out is not None, progress=progress)
 
 
-def distill(data_or_stats, backbone, *, ipc: int = 1, steps: int = 5000, augs: int = 1, lr: float = 2e-3,
+def warn_incomplete_schedule(config: DistillConfig) -> bool:
+    """Warn (and return True) when the run ends before the growth schedule has created every pyramid level."""
+    if config.param != "pyramid" or config.init == "real" or config.steps == 0:
+        return False
+    levels = len(level_sizes(config.syn_res))
+    every = config.effective_grow_every
+    if every == 0 or 1 + (config.steps - 1) // every >= levels:
+        return False
+    warnings.warn(f"steps={config.steps} ends before the pyramid has all {levels} levels (one every "
+                  f"grow_every={every} steps needs {(levels - 1) * every + 1}): the images stay coarse; use "
+                  "grow_every=None (every level from step 0) or more steps", stacklevel=3)
+    return True
+
+
+def paper_schedule() -> dict:
+    """The paper's settings (lr 2e-3, a pyramid level every 200 steps, 5000 steps, noise start, flow cosine alone)
+    as `distill()` keywords: `sfmkern.distill(stats, backbone, **paper_schedule())`."""
+    return dict(PAPER_SCHEDULE)
+
+
+def distill(data_or_stats, backbone, *, ipc: int = 1, steps: int = 5000, augs: int = 1, lr: float | None = None,
             syn_res: int = 256, crop: int = 224, seed: int = 0, device=None, max_memory=None, out_dir=None,
-            resume: bool = True, grow_every: int = 200, param: str = "pyramid", noise_std: float = 0.2,
+            resume: bool = True, grow_every: int | None = None, param: str = "pyramid", noise_std: float = 0.2,
             noise_p: float = 0.5, noise_mean: float = 0.5, chunk_size: int | None = None,
             checkpoint_every: int = 100, progress: bool = True, log_every: int = 10, mode: str = "auto",
-            classes=None) -> DistilledSet:
+            classes=None, init: str = "real", objective: str = "anchored", anchor_weight: float = 10.0,
+            anchor_target: str = "augmented", anchor_images: int = 64, anchor_views: int = 4,
+            subcentres: bool = True, scale: tuple[float, float] = (0.08, 1.0),
+            init_data=None) -> DistilledSet:
     """Distil `ipc` images per class whose statistical flow matches the real one; returns a DistilledSet.
 
     data_or_stats: a ClassStats, a path to a saved one, a real-flow tensor [C, D], or a data source (statistics are
@@ -649,13 +762,27 @@ def distill(data_or_stats, backbone, *, ipc: int = 1, steps: int = 5000, augs: i
     `resume=True` continues from one, and the result is saved as out_dir/distilled.safetensors. A non-finite loss
     (checked every `log_every` steps and before each checkpoint) raises FloatingPointError and keeps the last good
     checkpoint. mode: "auto" (single-phase when one chunk holds every view), "single" or "two_phase".
+
+    Beyond the paper (docs/distill.md has the measurements; `PAPER_SCHEDULE` holds the paper's settings):
+    init "real" (default: start from the real images nearest the class centre / k-means sub-centres, found in the
+    statistics' feature cache; needs the real images: `init_data=` the source the statistics were collected on, or
+    data as the first argument; otherwise noise, with a warning) or "noise"; objective "anchored" (default: flow
+    cosine + anchor_weight x the anchoring term to the class means of augmented real views, anchor_target=
+    "augmented", over anchor_images per class x anchor_views views; "centred": the clean centres with their common
+    offset removed) or "sfm" (the paper's flow cosine alone); subcentres (ipc > 1): each image matches the flow of
+    its own k-means sub-centre. lr None: DEFAULT_LR by start; grow_every None: every pyramid level from step 0.
     """
     from tqdm.auto import tqdm
+
+    from sfmkern import realdata
 
     config = DistillConfig(ipc=ipc, steps=steps, augs=augs, lr=lr, syn_res=syn_res, crop=crop, seed=seed,
                            grow_every=grow_every, param=param, noise_std=noise_std, noise_p=noise_p,
                            noise_mean=noise_mean, chunk_size=chunk_size, max_memory=max_memory,
-                           checkpoint_every=checkpoint_every, log_every=log_every)
+                           checkpoint_every=checkpoint_every, log_every=log_every, init=init, objective=objective,
+                           anchor_weight=anchor_weight, anchor_target=anchor_target, anchor_images=anchor_images,
+                           anchor_views=anchor_views, subcentres=subcentres, scale=scale)
+    warn_incomplete_schedule(config)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if device is not None and not _same_device(device, backbone.device):
@@ -663,7 +790,15 @@ def distill(data_or_stats, backbone, *, ipc: int = 1, steps: int = 5000, augs: i
                          "(load_backbone(..., device=...))")
     out_path = Path(out_dir) if out_dir is not None else None
     stats = _resolve_stats(data_or_stats, backbone, crop=crop, out_dir=out_path, progress=progress)
-    distiller = Distiller(stats, backbone, classes=classes, config=config, device=backbone.device)
+    if init_data is None and not (isinstance(data_or_stats, torch.Tensor) or hasattr(data_or_stats, "centres")
+                                  or str(data_or_stats).endswith(".safetensors")):
+        init_data = data_or_stats
+    if init_data is not None:
+        from sfmkern.stats import _as_source
+
+        init_data = _as_source(init_data)
+    real = realdata.prepare(stats, init_data, backbone, config)
+    distiller = Distiller(stats, backbone, classes=classes, config=config, device=backbone.device, **real)
     ckpt = distiller.checkpoint_path(out_path) if out_path is not None else None
     start = 0
     if ckpt is not None and resume and ckpt.is_file():

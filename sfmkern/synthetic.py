@@ -75,6 +75,28 @@ def decode(levels: list[torch.Tensor], resolution: int) -> torch.Tensor:
     return squash(decorrelate_colours(upsample_sum(levels, resolution)))
 
 
+def encode(images: torch.Tensor, sizes: list[int], *, margin: float = 0.02) -> list[torch.Tensor]:
+    """The inverse of `decode`: images [n, 3, R, R] in [0, 1] -> levels (sides `sizes`, the last = R) that decode to
+    margin + (1 - 2·margin)·images. The values are squeezed into [margin, 1 - margin] first so that no pixel starts
+    in the sigmoid's flat tails (margin 0.02: |2x| <= 3.9); the coarser levels start at zero and the finest holds
+    M̂⁻¹ · logit(y) / 2. (Adam's steps do not depend on how the sum is split between levels.)
+
+    Equivalent PyTorch: `[zeros for the coarser sides] + [torch.linalg.solve(colour_matrix(), logit(y).flatten(2) / 2)
+    .view_as(y)]`, y = margin + (1 - 2·margin)·images.
+    """
+    if images.dim() != 4 or images.shape[1] != 3 or images.shape[2] != images.shape[3] or images.shape[3] != sizes[-1]:
+        raise ValueError(f"encode expects images [n, 3, {sizes[-1]}, {sizes[-1]}], got shape {tuple(images.shape)}")
+    if not 0 < margin < 0.5:
+        raise ValueError(f"margin must be in (0, 0.5), got {margin}")
+    y = margin + (1 - 2 * margin) * images.double().clamp(0, 1)
+    z = torch.logit(y) / 2
+    inverse = torch.linalg.inv(colour_matrix(torch.float64, images.device))
+    x = torch.einsum("ij,njhw->nihw", inverse, z).float()
+    n = images.shape[0]
+    coarse = [torch.zeros(n, 3, side, side, device=images.device) for side in sizes[:-1]]
+    return [*coarse, x.contiguous()]
+
+
 def _block_seed(seed: int, tag: str, block: int) -> int:
     digest = hashlib.sha256(f"sfmkern.synthetic:{seed}:{tag}:{block}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
@@ -167,6 +189,16 @@ class SyntheticImages:
         for level in self.levels:
             level.requires_grad_(True)
         return True
+
+    def set_images(self, images: torch.Tensor, *, margin: float = 0.02) -> None:
+        """Start from given images [len(self), 3, R, R] in [0, 1] (e.g. real ones): every level is created (the
+        growth schedule is complete from here on) and the levels are set by `encode`, so `render()` returns the
+        images squeezed into [margin, 1 - margin]."""
+        if tuple(images.shape) != (len(self), 3, self.resolution, self.resolution):
+            raise ValueError(f"set_images expects [{len(self)}, 3, {self.resolution}, {self.resolution}], got "
+                             f"{tuple(images.shape)}")
+        levels = encode(images.to(self.device, torch.float32), self.sizes, margin=margin)
+        self.levels = [level.requires_grad_(True) for level in levels]
 
     def render(self, lo: int = 0, hi: int | None = None) -> torch.Tensor:
         """Decode local rows [lo, hi) -> [hi - lo, 3, R, R] float32 in (0, 1) (autograd to the levels when enabled)."""

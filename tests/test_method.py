@@ -1,0 +1,152 @@
+"""Issue #11's method pieces: defaults that move at any budget, real-image start, anchoring, sub-centre flows.
+
+A tiny random-weight timm ViT (test_vit at 32 px) on the real photo folder of conftest (3 classes, 3-4 images each).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from sfmkern import realdata
+from sfmkern.distill import PAPER_SCHEDULE, DistillConfig, Distiller, distill, paper_schedule
+from sfmkern.synthetic import SyntheticImages, decode, encode, level_sizes
+
+SMALL = {"syn_res": 32, "crop": 32}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    from sfmkern.backbone import load_backbone
+
+    torch.manual_seed(0)
+    return load_backbone("test_vit", pretrained=False, img_size=32, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def folder(photo_folder):
+    from sfmkern.data import ImageFolder
+
+    return ImageFolder(photo_folder)
+
+
+@pytest.fixture(scope="module")
+def cached_stats(folder, backbone, tmp_path_factory):
+    from sfmkern.stats import collect_stats
+
+    out = tmp_path_factory.mktemp("stats") / "stats.safetensors"
+    return collect_stats(folder, backbone, resize=32, crop=32, batch_size=8, out=out, cache_features=True,
+                         progress=False)
+
+
+def test_encode_inverts_decode():
+    images = torch.rand(4, 3, 16, 16)
+    levels = encode(images, level_sizes(16), margin=0.05)
+    assert [lv.shape[-1] for lv in levels] == level_sizes(16)
+    torch.testing.assert_close(decode(levels, 16), 0.05 + 0.9 * images, atol=1e-5, rtol=0)
+    s = SyntheticImages(4, 16, grow_every=7)
+    s.set_images(images)
+    assert s.num_levels == s.max_levels and all(lv.requires_grad for lv in s.levels)
+    torch.testing.assert_close(s.render().detach(), 0.02 + 0.96 * images, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="set_images"):
+        s.set_images(torch.rand(3, 3, 16, 16))
+
+
+def test_default_budget_moves_the_loss_and_draws_images(cached_stats, backbone):
+    """The acceptance test of issue #11: distill(stats, backbone, ipc=1, steps=100) with no other argument."""
+    from sfmkern.stats import ClassStats
+
+    bare = ClassStats(**{**cached_stats.__dict__, "features_path": None})  # nothing real reachable: noise start
+    losses = []
+    orig = Distiller.step
+
+    def spy(self, mode="auto"):
+        loss = orig(self, mode)
+        losses.append(float(loss))
+        return loss
+
+    Distiller.step = spy
+    try:
+        with pytest.warns(UserWarning, match="starting from noise"):
+            result = distill(bare, backbone, ipc=1, steps=100, progress=False, syn_res=32, crop=32)
+    finally:
+        Distiller.step = orig
+    assert len(losses) == 100
+    assert np.mean(losses[-10:]) < np.mean(losses[:5]) - 0.05, (losses[:5], losses[-10:])
+    images = result.float_images()
+    # not flat colour squares: every image varies across its pixels (a 1x1-level image has std 0)
+    assert float(images.flatten(2).std(dim=2).min()) > 0.02
+    assert result.config["init"] == "noise" and result.config["effective_grow_every"] == 0
+
+
+def test_incomplete_schedule_warns(cached_stats, backbone):
+    with pytest.warns(UserWarning, match="ends before the pyramid"):
+        distill(cached_stats, backbone, ipc=1, steps=3, grow_every=2, init="noise", objective="sfm",
+                progress=False, **SMALL)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        distill(cached_stats, backbone, ipc=1, steps=2, init="noise", objective="sfm", progress=False, **SMALL)
+    assert paper_schedule() == PAPER_SCHEDULE and PAPER_SCHEDULE["grow_every"] == 200
+    assert DistillConfig(**{k: v for k, v in PAPER_SCHEDULE.items()}).effective_lr == 2e-3
+
+
+def test_real_start_picks_the_centroid_images(cached_stats, folder, backbone):
+    feats, labels = cached_stats.load_features()
+    start = realdata.select_start(cached_stats, 1, seed=0)
+    for c, row in enumerate(start["rows"].tolist()):
+        members = np.flatnonzero(labels == c)
+        d = np.linalg.norm(np.asarray(feats[members], dtype=np.float32) - cached_stats.centres[c].numpy(), axis=1)
+        assert row == members[d.argmin()]
+    torch.testing.assert_close(start["targets"], cached_stats.centres.float())
+    d = Distiller(cached_stats, backbone, config=DistillConfig(ipc=1, objective="sfm", **SMALL),
+                  **realdata.prepare(cached_stats, folder, backbone, DistillConfig(ipc=1, objective="sfm", **SMALL)))
+    images, _ = realdata.load_start_images(folder, start["ranking"], 1, 32)
+    torch.testing.assert_close(d.render_local(), 0.02 + 0.96 * images, atol=1e-5, rtol=0)
+    assert d.config.effective_lr == 2e-3
+
+
+def test_subcentre_flows_and_augmented_anchor(cached_stats, folder, backbone):
+    cfg = DistillConfig(ipc=2, anchor_images=3, anchor_views=2, **SMALL)
+    real = realdata.prepare(cached_stats, folder, backbone, cfg)
+    assert real["targets"].shape == (3 * 2, backbone.feature_dim)
+    assert real["anchor"].shape == (6, backbone.feature_dim) and bool(torch.isfinite(real["anchor"]).all())
+    again = realdata.prepare(cached_stats, folder, backbone, cfg)  # the cache beside the statistics answers
+    torch.testing.assert_close(again["anchor"], real["anchor"], atol=0, rtol=0)
+    d = Distiller(cached_stats, backbone, config=cfg, **real)
+    assert d.num_classes == 6 and d.view_labels.tolist() == list(range(6))
+    loss = d.step()
+    assert bool(torch.isfinite(loss))
+    result = d.distilled_set()
+    assert result.labels.tolist() == [0, 0, 1, 1, 2, 2] and len(result.classes) == 3
+
+
+def test_anchor_gradient_matches_autograd():
+    torch.manual_seed(1)
+    sums, counts = torch.randn(4, 6, dtype=torch.float64), torch.tensor([2, 3, 1, 5])
+    anchor = torch.randn(4, 6, dtype=torch.float64)
+    mu = (sums / counts[:, None]).requires_grad_(True)
+    spread = (anchor - anchor.mean(0)).pow(2).sum()
+    (3.0 * (mu - anchor).pow(2).sum() / spread).backward()
+    loss, grad = realdata.add_anchor(torch.zeros((), dtype=torch.float64), torch.zeros(4, 6, dtype=torch.float64),
+                                     sums, counts, anchor, 3.0)
+    torch.testing.assert_close(grad, mu.grad)
+    torch.testing.assert_close(loss, 3.0 * (mu.detach() - anchor).pow(2).sum() / spread)
+
+
+def test_bad_method_options():
+    for kwargs, match in (({"init": "centroid"}, "init"), ({"objective": "lgm"}, "objective"),
+                          ({"anchor_target": "clean"}, "anchor_target"), ({"anchor_weight": -1.0}, "anchor_weight"),
+                          ({"anchor_views": 0}, "anchor_views")):
+        with pytest.raises(ValueError, match=match):
+            DistillConfig(**kwargs)
