@@ -37,13 +37,25 @@ from _common import ROOT, append_results, describe_machine, git_sha, load_averag
 
 DATASETS = ("fashion-mnist", "photo-patches")
 BASELINES = ("random-real", "real-select", "full-data")  # real-select: centroid at ipc 1, k-means at ipc > 1
-# name -> (what it is, keyword arguments to sfmkern.distill beyond ipc/steps/seed/resolution)
-VARIANTS: dict[str, tuple[str, dict]] = {
-    "paper": ("the paper's SFM objective and schedule: lr 2e-3, a pyramid level every 200 steps",
-              {"lr": 2e-3, "grow_every": 200}),
-    "defaults": ("`sfmkern.distill` with no optional argument", {}),
-    "all-levels-lr1e-2": ("the demo's calibration: lr 1e-2, all pyramid levels from step 0",
-                          {"lr": 1e-2, "grow_every": 0}),
+# name -> (what it is, keyword arguments to sfmkern.distill beyond ipc/steps/seed/resolution/init_data, the ipcs it
+# applies to: sub-centres change nothing at ipc 1, where "defaults" already is the real start + anchor)
+_NOISE_SFM = {"init": "noise", "objective": "sfm", "subcentres": False}
+VARIANTS: dict[str, tuple[str, dict, tuple[int, ...]]] = {
+    "defaults": ("`sfmkern.distill` with no optional argument (the library defaults)", {}, (1, 10)),
+    "paper": ("the paper: noise start, flow cosine alone, lr 2e-3, a pyramid level every 200 steps",
+              {**_NOISE_SFM, "lr": 2e-3, "grow_every": 200}, (1, 10)),
+    "sfm-fast": ("the paper's objective with the short-budget schedule: noise start, flow cosine alone, lr 1e-2, "
+                 "every level from step 0", _NOISE_SFM, (1, 10)),
+    "sfm-fast+real-init": ("sfm-fast started from the real centroid / k-means images (lr 2e-3)",
+                           {**_NOISE_SFM, "init": "real"}, (1, 10)),
+    "sfm-fast+anchor": ("sfm-fast plus the anchoring term (lambda 10, augmented targets)",
+                        {**_NOISE_SFM, "objective": "anchored"}, (1, 10)),
+    "sfm-fast+subcentres": ("sfm-fast with sub-centre flows", {**_NOISE_SFM, "subcentres": True}, (10,)),
+    "real-init+anchor": ("real start and anchoring, no sub-centres", {"subcentres": False}, (10,)),
+    "defaults+anchor-centred": ("the defaults with the anchor on the clean centres, common offset removed",
+                                {"anchor_target": "centred"}, (1, 10)),
+    "defaults+mild-aug": ("the defaults with crops of scale (0.5, 1) instead of (0.08, 1)", {"scale": [0.5, 1.0]},
+                          (1, 10)),
 }
 DOC = ROOT / "docs" / "distill.md"
 TABLE_BEGIN = "<!-- sfmkern:ablation-table:begin -->"
@@ -62,14 +74,24 @@ def cell_key(dataset: str, method: str, ipc: int, seed: int, cfg: dict, kwargs: 
              "epochs": cfg["epochs"], "view_bank": cfg["view_bank"], "backbone": cfg["backbone"],
              "data": _data_ident(dataset, cfg)}
     if kwargs is not None:
-        ident.update(steps=cfg["steps"][str(ipc)], distill=kwargs)
+        ident.update(steps=cfg["steps"][str(ipc)], distill=kwargs, library_defaults=_library_defaults())
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _library_defaults() -> dict:
+    """distill()'s keyword defaults: a variant's cells are stale when the library changes a default it relies on."""
+    from sfmkern.distill import distill
+
+    return {name: repr(p.default) for name, p in inspect.signature(distill).parameters.items()
+            if p.default is not inspect.Parameter.empty}
 
 
 def _data_ident(dataset: str, cfg: dict):
     if dataset == "fashion-mnist":
         return [cfg["fm_train_per_class"], cfg["fm_test_per_class"]]
-    return "default-splits"
+    from sfmkern.data.photo_patches import MAX_SCALE, MIN_SCALE
+
+    return f"default-splits-scale-{MIN_SCALE}-{MAX_SCALE}"
 
 
 def load_results(path: Path) -> dict[str, dict]:
@@ -136,8 +158,10 @@ def run_cell(prep: Prepared, method: str, ipc: int, seed: int, cfg: dict, kwargs
         steps = cfg["steps"][str(ipc)]
         tag = cell_key("", method, ipc, seed, cfg, kwargs)
         run_dir = prep.dir / "runs" / f"{method}-ipc{ipc}-s{steps}-seed{seed}-{tag}"
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
         ds = distill(prep.stats, prep.backbone, ipc=ipc, steps=steps, syn_res=size, crop=size, seed=seed,
-                     out_dir=run_dir, resume=True, checkpoint_every=50, progress=False, **kwargs)
+                     out_dir=run_dir, resume=True, checkpoint_every=50, progress=False, init_data=prep.train,
+                     **kwargs)
         extra["distill_s"] = round(time.perf_counter() - t0, 1)
         report = evaluate(ds, prep.backbone, prep.test_fs, mode="probe", name=method, **ev)
     return {"top1": float(report.top1[0]), "top5": float(report.top5[0]), "seconds": round(time.perf_counter() - t0, 1),
@@ -164,6 +188,8 @@ def cmd_run(args) -> None:
         for ipc in args.ipcs:
             for method in methods:
                 kwargs = None if method in BASELINES else VARIANTS[method][1]
+                if kwargs is not None and ipc not in VARIANTS[method][2]:
+                    continue
                 if kwargs is not None and not supported(kwargs):
                     print(f"[ablation] skip {method}: this distill() does not accept {sorted(kwargs)}", flush=True)
                     continue
@@ -211,7 +237,7 @@ def _cells(records: list[dict], cfg: dict) -> dict[tuple, list[float]]:
     out: dict[tuple, list[float]] = {}
     for rec in records:
         method = rec["method"]
-        kwargs = None if method in BASELINES else VARIANTS.get(method, (None, None))[1]
+        kwargs = None if method in BASELINES else VARIANTS.get(method, (None, None, None))[1]
         if method not in BASELINES and kwargs is None:
             continue
         ipc = rec["ipc"]
@@ -245,7 +271,7 @@ def render_table(records: list[dict], cfg: dict, ipcs: list[int], command: str) 
         label = names.get(method, f"SFM: {method}")
         lines.append(f"| {label} | " + " | ".join(row) + " |")
     steps = ", ".join(f"{s} steps at ipc {k}" for k, s in cfg["steps"].items())
-    variants = "\n".join(f"- `{m}`: {desc} (`{json.dumps(kw)}`)" for m, (desc, kw) in VARIANTS.items())
+    variants = "\n".join(f"- `{m}`: {desc} (`{json.dumps(kw)}`)" for m, (desc, kw, _) in VARIANTS.items())
     seeds = sorted({r["seed"] for r in records})
     loads = [r["load"] for r in records if "load" in r]
     text = [
@@ -293,9 +319,9 @@ def main(argv=None) -> None:
     p.add_argument("--ipcs", nargs="+", type=int, default=[1, 10], help="ipcs to run (subset of 1 10)")
     p.add_argument("--methods", nargs="+", default=["baselines", "variants"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--steps", nargs=2, type=int, default=[300, 60], metavar=("STEPS_IPC1", "STEPS_IPC10"),
+    p.add_argument("--steps", nargs=2, type=int, default=[200, 40], metavar=("STEPS_IPC1", "STEPS_IPC10"),
                    help="the fixed step budget at ipc 1 and ipc 10")
-    p.add_argument("--size", type=int, default=64, help="image side (px) of statistics, synthetic and test images")
+    p.add_argument("--size", type=int, default=32, help="image side (px) of statistics, synthetic and test images")
     p.add_argument("--fm-train", type=int, default=300, help="Fashion-MNIST training images per class")
     p.add_argument("--fm-test", type=int, default=100, help="Fashion-MNIST test images per class")
     p.add_argument("--epochs", type=int, default=300, help="probe epochs")

@@ -7,7 +7,7 @@ rocket, grass, gravel) and an item is a square patch of it at a random position 
 
 Split: each photo is cut into a 4 x 4 grid of cells; cells with (row + col) even give the training patches, the
 others the test patches, and a patch always lies inside one cell, so no test patch shares a pixel with any training
-patch (test images are never crops of training pixels). Patch sides are drawn uniformly in [0.35, 1] x the cell's
+patch (test images are never crops of training pixels). Patch sides are drawn uniformly in [0.1, 0.4] x the cell's
 shorter side (random scale), positions uniformly inside the chosen cell. Nearly flat patches (pixel std < 6 on the
 0-255 scale, e.g. the black sky of the Hubble field or the border of the retina) are redrawn.
 
@@ -39,7 +39,8 @@ PHOTOS = (
 )
 CLASSES = [name for name, _ in PHOTOS]
 GRID = 4  # cells per side of every photo
-MIN_SCALE = 0.35  # smallest patch side, as a fraction of the cell's shorter side
+MIN_SCALE = 0.1  # smallest patch side, as a fraction of the cell's shorter side
+MAX_SCALE = 0.4  # largest patch side, as a fraction of the cell's shorter side
 MIN_STD = 6.0  # patches flatter than this (0-255 pixel std) are redrawn
 DEFAULT_PER_CLASS = {"train": 300, "test": 100}
 _SPLIT_CODE = {"train": 0, "test": 1}
@@ -94,7 +95,7 @@ def _cut(photo: np.ndarray, split: str, count: int, size: int, rng: np.random.Ge
         for _ in range(_MAX_TRIES):
             top, left, bottom, right = cells[int(rng.integers(len(cells)))]
             short = min(bottom - top, right - left)
-            side = int(round(rng.uniform(MIN_SCALE, 1.0) * short))
+            side = int(round(rng.uniform(MIN_SCALE, MAX_SCALE) * short))
             y = top + int(rng.integers(bottom - top - side + 1))
             x = left + int(rng.integers(right - left - side + 1))
             patch = photo[y: y + side, x: x + side]
