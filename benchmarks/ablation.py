@@ -321,7 +321,7 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--steps", nargs=2, type=int, default=[200, 40], metavar=("STEPS_IPC1", "STEPS_IPC10"),
                    help="the fixed step budget at ipc 1 and ipc 10")
-    p.add_argument("--size", type=int, default=32, help="image side (px) of statistics, synthetic and test images")
+    p.add_argument("--size", type=int, default=64, help="image side (px) of statistics, synthetic and test images")
     p.add_argument("--fm-train", type=int, default=300, help="Fashion-MNIST training images per class")
     p.add_argument("--fm-test", type=int, default=100, help="Fashion-MNIST test images per class")
     p.add_argument("--epochs", type=int, default=300, help="probe epochs")
