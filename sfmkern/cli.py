@@ -166,11 +166,19 @@ def _load_stats_for(path: str, backbone, *, crop: int | None = None):
 
 
 def cmd_distill(args) -> int:
-    from sfmkern.distill import distill
+    from sfmkern.distill import PAPER_SCHEDULE, distill
 
     _require(args, "backbone", "out_dir")
     if (args.stats is None) == (args.data is None):
         raise UsageError("give exactly one of --stats (a statistics file) or --data (collected first)")
+    if args.init_data is not None and args.stats is None:
+        raise UsageError("--init-data goes with --stats (with --data the same images are used)")
+    paper = PAPER_SCHEDULE if args.paper else {}
+    method = {"init": args.init or paper.get("init", "real"),
+              "objective": args.objective or paper.get("objective", "sfm"),
+              "lr": args.lr if args.lr is not None else paper.get("lr"),
+              "grow_every": args.grow_every if args.grow_every is not None else paper.get("grow_every"),
+              "subcentres": not args.no_subcentres and paper.get("subcentres", True)}
     out_dir = check_writable(args.out_dir, "distillation output", is_dir=True)
     for opt, value in (("grid", args.grid), ("image_folder", args.image_folder)):
         if value:
@@ -181,11 +189,13 @@ def cmd_distill(args) -> int:
     backbone = _load_backbone(args)
     stats = _load_stats_for(args.stats, backbone) if args.stats is not None else source
     distilled = distill(
-        stats, backbone, ipc=args.ipc, steps=args.steps, augs=args.augs, lr=args.lr, syn_res=args.syn_res,
+        stats, backbone, ipc=args.ipc, steps=args.steps, augs=args.augs, syn_res=args.syn_res,
         crop=args.crop, seed=args.seed, max_memory=args.max_memory, out_dir=out_dir, resume=not args.no_resume,
-        grow_every=args.grow_every, param=args.param, noise_std=args.noise_std, noise_p=args.noise_p,
+        param=args.param, noise_std=args.noise_std, noise_p=args.noise_p,
         noise_mean=args.noise_mean, chunk_size=args.chunk_size, checkpoint_every=args.checkpoint_every,
-        progress=not args.quiet, log_every=args.log_every, mode=args.mode,
+        progress=not args.quiet, log_every=args.log_every, mode=args.mode, anchor_weight=args.anchor_weight,
+        anchor_target=args.anchor_target, anchor_images=args.anchor_images, anchor_views=args.anchor_views,
+        scale=(args.scale_min, 1.0), init_data=open_data(args.init_data) if args.init_data else None, **method,
     )
     grid = Path(args.grid) if args.grid else out_dir / "grid.png"
     distilled.grid(grid)
@@ -280,7 +290,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from sfmkern.demo import PRESETS, run_demo
+    from sfmkern.demo import PRESETS, gate_failures, run_demo
 
     _require(args, "out")
     check_writable(args.out, "demo report", is_dir=True)
@@ -304,6 +314,10 @@ def cmd_demo(args) -> int:
                       **overrides)
     print(result["table"])
     print(f"report -> {Path(args.out) / 'report.md'} (total {result['total_s']:.0f} s)")
+    failed = gate_failures(result)
+    if failed:
+        print(f"sfmkern demo: gate FAILED: {'; '.join(failed)}", file=sys.stderr)
+        return 3
     return 0
 
 
@@ -369,12 +383,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ipc", type=int, default=1, help="images per class (default 1)")
     p.add_argument("--steps", type=int, default=5000, help="optimisation steps (default 5000)")
     p.add_argument("--augs", type=int, default=1, help="augmented views per image per step (default 1)")
-    p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (default 2e-3)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="Adam learning rate (default: 1e-2 from noise, 2e-3 from real images; the paper: 2e-3)")
     p.add_argument("--syn-res", type=int, default=256, help="synthetic image side (default 256)")
     p.add_argument("--crop", type=int, default=224, help="RandomResizedCrop output side (default 224)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial images and the augmentations")
-    p.add_argument("--grow-every", type=int, default=200,
-                   help="steps between pyramid levels; 0 = all levels from the start (default 200)")
+    p.add_argument("--grow-every", type=int, default=None,
+                   help="steps between pyramid levels; 0 = all levels from the start (default: 0; the paper: 200)")
+    p.add_argument("--paper", action="store_true",
+                   help="the paper's recipe: noise start, flow cosine alone, lr 2e-3, a level every 200 steps "
+                        "(--steps 5000 for its budget); explicit flags still win")
+    p.add_argument("--init", choices=("real", "noise"), default=None,
+                   help="start from the real images nearest the class centre / sub-centres (real, default; needs "
+                        "--data or --init-data) or from noise")
+    p.add_argument("--init-data", metavar="DATA",
+                   help="the training images the --stats file was collected on (real start, augmented anchors)")
+    p.add_argument("--objective", choices=("anchored", "sfm"), default=None,
+                   help="sfm (default): the paper's flow cosine; anchored: flow cosine + the anchoring term")
+    p.add_argument("--anchor-weight", type=float, default=10.0, help="weight of the anchoring term (default 10)")
+    p.add_argument("--anchor-target", choices=("augmented", "centred"), default="augmented",
+                   help="anchor to class means of augmented real views (default) or to the clean centres with "
+                        "their common offset removed")
+    p.add_argument("--anchor-images", type=int, default=64,
+                   help="real images per class for the augmented anchors (default 64)")
+    p.add_argument("--anchor-views", type=int, default=4, help="augmented views per real image (default 4)")
+    p.add_argument("--no-subcentres", action="store_true",
+                   help="ipc > 1: match every image to its class flow instead of its own k-means sub-centre's")
+    p.add_argument("--scale-min", type=float, default=0.08,
+                   help="lower bound of the RandomResizedCrop area scale (default 0.08)")
     p.add_argument("--param", choices=("pyramid", "pixels"), default="pyramid", help="image parameterisation")
     p.add_argument("--noise-std", type=float, default=0.2, help="std of the Gaussian noise on a view (default 0.2)")
     p.add_argument("--noise-p", type=float, default=0.5, help="probability of noise on a view (default 0.5)")
@@ -444,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-per-class", type=int, metavar="N", help="test images per class (default: all)")
     p.add_argument("--ipc", type=int, nargs="+", help="images per class to distil (default 1 10)")
     p.add_argument("--steps", type=int, nargs="+",
-                   help="distillation steps, one per --ipc value (default 1000 100 on CPU, 1000 1000 on CUDA)")
+                   help="distillation steps, one per --ipc value (default 300 100 on CPU, 1000 1000 on CUDA)")
     p.add_argument("--epochs", type=int, help="probe epochs")
     p.add_argument("--runs", type=int, help="probe seeds")
     p.add_argument("--view-bank", type=int, metavar="K", help="augmented views per image for the probe")

@@ -85,7 +85,7 @@ class DistillConfig:
     checkpoint_every: int = 100
     log_every: int = 10
     init: str = "real"
-    objective: str = "anchored"
+    objective: str = "sfm"
     anchor_weight: float = 10.0
     anchor_target: str = "augmented"
     anchor_images: int = 64
@@ -750,7 +750,7 @@ def distill(data_or_stats, backbone, *, ipc: int = 1, steps: int = 5000, augs: i
             resume: bool = True, grow_every: int | None = None, param: str = "pyramid", noise_std: float = 0.2,
             noise_p: float = 0.5, noise_mean: float = 0.5, chunk_size: int | None = None,
             checkpoint_every: int = 100, progress: bool = True, log_every: int = 10, mode: str = "auto",
-            classes=None, init: str = "real", objective: str = "anchored", anchor_weight: float = 10.0,
+            classes=None, init: str = "real", objective: str = "sfm", anchor_weight: float = 10.0,
             anchor_target: str = "augmented", anchor_images: int = 64, anchor_views: int = 4,
             subcentres: bool = True, scale: tuple[float, float] = (0.08, 1.0),
             init_data=None) -> DistilledSet:
@@ -766,11 +766,12 @@ def distill(data_or_stats, backbone, *, ipc: int = 1, steps: int = 5000, augs: i
     Beyond the paper (docs/distill.md has the measurements; `PAPER_SCHEDULE` holds the paper's settings):
     init "real" (default: start from the real images nearest the class centre / k-means sub-centres, found in the
     statistics' feature cache; needs the real images: `init_data=` the source the statistics were collected on, or
-    data as the first argument; otherwise noise, with a warning) or "noise"; objective "anchored" (default: flow
-    cosine + anchor_weight x the anchoring term to the class means of augmented real views, anchor_target=
-    "augmented", over anchor_images per class x anchor_views views; "centred": the clean centres with their common
-    offset removed) or "sfm" (the paper's flow cosine alone); subcentres (ipc > 1): each image matches the flow of
-    its own k-means sub-centre. lr None: DEFAULT_LR by start; grow_every None: every pyramid level from step 0.
+    data as the first argument; otherwise noise, with a warning) or "noise"; objective "sfm" (default: the paper's
+    flow cosine alone) or "anchored" (flow cosine + anchor_weight x the anchoring term to the class means of
+    augmented real views, anchor_target="augmented", over anchor_images per class x anchor_views views; "centred":
+    the clean centres with their common offset removed; measured harmful at weight 10); subcentres (ipc > 1):
+    each image matches the flow of its own k-means sub-centre. lr None: DEFAULT_LR by start; grow_every None:
+    every pyramid level from step 0.
     """
     from tqdm.auto import tqdm
 

@@ -17,6 +17,7 @@ from sfmkern.demo import (
     TABLE_COLUMNS,
     acceptance_checks,
     format_table,
+    gate_failures,
     parse_report_table,
     settings_for,
 )
@@ -100,6 +101,12 @@ def test_table_round_trip_and_checks():
     assert parse_report_table(text) == rows
     checks = acceptance_checks(rows)
     assert [c["pass"] for c in checks] == [True, False]  # +17.5 >= 12; +2.0 < 3
+    assert not any(c["gate"] for c in checks)
+    gated = acceptance_checks(rows, gate=True)  # the quick preset: SFM below random real fails the command
+    assert [(c["gate"], c["pass"]) for c in gated] == [(False, True), (False, False), (True, True)]
+    low = [dict(r, top1_mean=50.0) if r["method"] == "sfm" else r for r in rows]
+    assert gate_failures({"checks": acceptance_checks(low, gate=True)}) == [
+        "sfm 1-IPC - random-real 1-IPC >= 0 points (gate)"]
     with pytest.raises(ValueError, match="no accuracy table"):
         parse_report_table("| a | b |\n|---|---|\n| 1 | 2 |\n")
     with pytest.raises(ValueError, match="not a number"):
@@ -109,8 +116,9 @@ def test_table_round_trip_and_checks():
 def test_settings_presets_and_validation():
     assert set(PRESETS) == {"full", "quick", "tiny"}
     full = settings_for("full")
-    assert full.image_size == 128 and full.ipcs == (1, 10) and full.steps[0] == 1000 and full.lr == 1e-2
-    assert full.grow_every == 0 and full.epochs == 1000 and full.test_per_class is None
+    assert full.image_size == 128 and full.ipcs == (1, 10) and full.steps == PRESETS["full"]["steps"]
+    assert full.lr is None and full.grow_every is None  # the library's defaults
+    assert full.epochs == 1000 and full.test_per_class is None
     assert full.train_per_class == 2000 and full.cross_backbone is None  # the 2-core CPU budget
     gpu = settings_for("full", "cuda")
     assert gpu.train_per_class is None and gpu.steps == (1000, 1000) and gpu.cross_backbone
@@ -124,3 +132,18 @@ def test_settings_presets_and_validation():
         settings_for("tiny", ipcs=(1, 2, 3), steps=(1, 2))
     with pytest.raises(ValueError, match="fewer than ipc"):
         settings_for("tiny", train_per_class=1)
+
+
+def test_failed_gate_fails_the_command(monkeypatch, tmp_path, capsys):
+    import sfmkern.demo
+    from sfmkern.cli import main
+
+    assert PRESETS["quick"]["gate"] and not PRESETS["full"].get("gate", False)
+    result = {"table": "t", "total_s": 1.0, "checks": [
+        {"check": "sfm 1-IPC - random-real 1-IPC >= 0 points (gate)", "difference": -3.0, "pass": False,
+         "gate": True}]}
+    monkeypatch.setattr(sfmkern.demo, "run_demo", lambda *a, **k: result)
+    assert main(["--quiet", "demo", "--quick", "--out", str(tmp_path)]) == 3
+    assert "gate FAILED" in capsys.readouterr().err
+    result["checks"][0]["pass"] = True
+    assert main(["--quiet", "demo", "--quick", "--out", str(tmp_path)]) == 0

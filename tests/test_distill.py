@@ -97,12 +97,15 @@ def test_two_phase_gradient_equals_single_phase(stats, backbone, chunk_size):
         assert rel <= 1e-4, f"level {tuple(a.shape)}: relative error {rel:.2e}"
 
 
-def test_gradient_matches_float64_reference(stats, backbone):
-    """The step's gradient equals autograd of a plain float64 formula of the loss through the same views."""
+@pytest.mark.parametrize("objective", ["sfm", "anchored"])
+def test_gradient_matches_float64_reference(stats, backbone, objective):
+    """The step's gradient equals autograd of a plain float64 formula of the loss through the same views (the
+    paper's flow cosine, and with the anchoring term to the clean centres with their common offset removed)."""
     from sfmkern import augment
     from sfmkern.synthetic import decode
 
-    cfg = DistillConfig(ipc=2, augs=2, grow_every=0, seed=4, chunk_size=4, **SMALL)
+    cfg = DistillConfig(ipc=2, augs=2, grow_every=0, seed=4, chunk_size=4, init="noise", objective=objective,
+                        anchor_target="centred", anchor_weight=3.0, **SMALL)
     d = Distiller(stats, backbone, config=cfg)
     views = d.draw_views()
     d.forward_backward("two_phase", views=views)
@@ -124,6 +127,9 @@ def test_gradient_matches_float64_reference(stats, backbone):
         real = (centres.sum(0) - centres) / 2 - centres
         syn = (mu.sum(0) - mu) / 2 - mu
         loss = 1 - (real * syn).sum() / (real.norm() * syn.norm())
+        if objective == "anchored":  # 3 · ||(μ̃ − mean μ̃) − (A − mean A)||² / ||A − mean A||²
+            spread = (centres - centres.mean(0)).pow(2).sum()
+            loss = loss + 3.0 * ((mu - mu.mean(0)) - (centres - centres.mean(0))).pow(2).sum() / spread
         loss.backward()
     finally:
         backbone.model.float()
