@@ -41,19 +41,22 @@ BASELINES = ("random-real", "real-select", "full-data")  # real-select: centroid
 # applies to: sub-centres change nothing at ipc 1, where "defaults" already is the real start + anchor)
 _NOISE_SFM = {"init": "noise", "objective": "sfm", "subcentres": False}
 VARIANTS: dict[str, tuple[str, dict, tuple[int, ...]]] = {
-    "defaults": ("`sfmkern.distill` with no optional argument (the library defaults)", {}, (1, 10)),
+    "defaults": ("`sfmkern.distill` with no optional argument (the library defaults; at ipc 1 this is the real "
+                 "start with the flow cosine)", {}, (1, 10)),
     "paper": ("the paper: noise start, flow cosine alone, lr 2e-3, a pyramid level every 200 steps",
               {**_NOISE_SFM, "lr": 2e-3, "grow_every": 200}, (1, 10)),
     "sfm-fast": ("the paper's objective with the short-budget schedule: noise start, flow cosine alone, lr 1e-2, "
                  "every level from step 0", _NOISE_SFM, (1, 10)),
-    "sfm-fast+real-init": ("sfm-fast started from the real centroid / k-means images (lr 2e-3)",
-                           {**_NOISE_SFM, "init": "real"}, (1, 10)),
+    "sfm-fast+real-init": ("sfm-fast started from the real k-means images (lr 2e-3; at ipc 1 = `defaults`)",
+                           {**_NOISE_SFM, "init": "real"}, (10,)),
     "sfm-fast+anchor": ("sfm-fast plus the anchoring term (lambda 10, augmented targets)",
                         {**_NOISE_SFM, "objective": "anchored"}, (1, 10)),
     "sfm-fast+subcentres": ("sfm-fast with sub-centre flows", {**_NOISE_SFM, "subcentres": True}, (10,)),
-    "real-init+anchor": ("real start and anchoring, no sub-centres", {"subcentres": False}, (10,)),
-    "defaults+anchor-centred": ("the defaults with the anchor on the clean centres, common offset removed",
-                                {"anchor_target": "centred"}, (1, 10)),
+    "real-init+anchor": ("real start, anchoring (lambda 10, augmented targets), sub-centres at ipc 10",
+                         {"init": "real", "objective": "anchored", "subcentres": True}, (1, 10)),
+    "real-init+anchor-centred": ("real-init+anchor with the anchor on the clean centres, common offset removed",
+                                 {"init": "real", "objective": "anchored", "subcentres": True,
+                                  "anchor_target": "centred"}, (1, 10)),
     "defaults+mild-aug": ("the defaults with crops of scale (0.5, 1) instead of (0.08, 1)", {"scale": [0.5, 1.0]},
                           (1, 10)),
 }
@@ -74,16 +77,29 @@ def cell_key(dataset: str, method: str, ipc: int, seed: int, cfg: dict, kwargs: 
              "epochs": cfg["epochs"], "view_bank": cfg["view_bank"], "backbone": cfg["backbone"],
              "data": _data_ident(dataset, cfg)}
     if kwargs is not None:
-        ident.update(steps=cfg["steps"][str(ipc)], distill=kwargs, library_defaults=_library_defaults())
+        ident.update(steps=cfg["steps"][str(ipc)], distill=effective_kwargs(kwargs))
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _library_defaults() -> dict:
-    """distill()'s keyword defaults: a variant's cells are stale when the library changes a default it relies on."""
+# distill() keywords that the script sets per cell or that do not change the images
+_NOT_TRAJECTORY = {"ipc", "steps", "syn_res", "crop", "seed", "device", "max_memory", "out_dir", "resume",
+                   "chunk_size", "checkpoint_every", "progress", "log_every", "mode", "classes", "init_data"}
+
+
+def library_defaults() -> dict:
+    """distill()'s keyword defaults that shape the images, as reprs."""
     from sfmkern.distill import distill
 
     return {name: repr(p.default) for name, p in inspect.signature(distill).parameters.items()
-            if p.default is not inspect.Parameter.empty}
+            if p.default is not inspect.Parameter.empty and name not in _NOT_TRAJECTORY}
+
+
+def effective_kwargs(kwargs: dict, defaults: dict | None = None) -> dict:
+    """Every trajectory keyword of a variant: the library defaults overlaid with the variant's own (reprs), so a
+    cell is keyed by what it ran, and goes stale exactly when the library changes a default the variant relies on."""
+    out = dict(library_defaults() if defaults is None else defaults)
+    out.update({k: repr(tuple(v) if isinstance(v, list) else v) for k, v in kwargs.items()})
+    return out
 
 
 def _data_ident(dataset: str, cfg: dict):
