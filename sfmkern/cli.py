@@ -8,9 +8,10 @@
 
 Flags mirror the Python API (`collect_stats`, `distill`, `evaluate`, `sfmkern.baselines`); `--config FILE` reads
 the same options from a YAML or JSON file (see `sfmkern.config`), and explicit flags win over it. Data is an
-image folder (root/<class>/<image>), webdataset tar shards (a .tar file, a folder of them or a glob), or
-`fashion-mnist:train|test[:ROOT]`. Bad input exits with status 2 (usage) or 1 (anything else) and one line on
-stderr; `--debug` shows the traceback instead. Long work shows tqdm progress on stderr (`--quiet` hides it).
+image folder (root/<class>/<image>), webdataset tar shards (a .tar file, a folder of them or a glob),
+`fashion-mnist:train|test[:ROOT]` or `photo-patches:train|test`. Bad input exits with status 2 (usage) or 1
+(anything else) and one line on stderr; `--debug` shows the traceback instead. Long work shows tqdm progress on
+stderr (`--quiet` hides it).
 Unless already set, OMP_WAIT_POLICY=PASSIVE is exported before torch is imported (see `main`).
 """
 
@@ -51,7 +52,8 @@ def _one_line(text: str) -> str:
 def open_data(spec: str):
     """An sfmkern.data source from a command-line spec.
 
-    `fashion-mnist:train`, `fashion-mnist:test` (optionally `:ROOT`, a folder with the IDX files); a folder of
+    `fashion-mnist:train`, `fashion-mnist:test` (optionally `:ROOT`, a folder with the IDX files);
+    `photo-patches:train`, `photo-patches:test` (sfmkern.data.photo_patches with its default splits); a folder of
     class sub-folders (ImageFolder); a .tar file, a folder of .tar files or a glob of them (TarShards).
     Raises FileNotFoundError naming the spec when nothing matches.
     """
@@ -66,6 +68,11 @@ def open_data(spec: str):
         if split not in ("train", "test"):
             raise UsageError(f"data {spec!r}: the Fashion-MNIST split must be train or test, got {split!r}")
         return data.fashion_mnist(split, root=root)
+    if spec.lower().startswith(("photo-patches:", "photo_patches:")):
+        split = spec.split(":", 1)[1]
+        if split not in ("train", "test"):
+            raise UsageError(f"data {spec!r}: the photo-patches split must be train or test, got {split!r}")
+        return data.photo_patches(split)
     path = Path(spec)
     if path.is_dir():
         has_subdirs = any(e.is_dir() and not e.name.startswith(".") for e in os.scandir(path))

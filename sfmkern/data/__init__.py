@@ -1,4 +1,5 @@
-"""sfmkern's data layer: image sources (folders, tar shards, arrays, Fashion-MNIST) and the streaming decoder.
+"""sfmkern's data layer: image sources (folders, tar shards, arrays, Fashion-MNIST, photo patches) and the
+streaming decoder.
 
     src = ImageFolder("train/")                      # or TarShards("shards/*.tar"), ArraySource(x, y), fashion_mnist()
     it = stream(src, batch_size=256, resize=256, crop=224, shard=(rank, world))
@@ -10,6 +11,7 @@
 
 from sfmkern.data._ext import DECODER_VERSION, DEFAULT_MAX_PIXELS
 from sfmkern.data.fashion_mnist import fashion_mnist
+from sfmkern.data.photo_patches import photo_patches
 from sfmkern.data.sources import (
     IMG_EXTENSIONS,
     ArraySource,
@@ -38,5 +40,6 @@ __all__ = [
     "display_name",
     "fashion_mnist",
     "load_images",
+    "photo_patches",
     "stream",
 ]
