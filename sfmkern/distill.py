@@ -613,11 +613,6 @@ class Distiller:
             return self._lagged_step(views)
         return self._two_phase(views)
 
-    def _loss_and_grad(self, sums: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(L, G = dL/dμ̃) from the all-reduced class feature sums [C, D] and view counts [C]: the one place where
-        every step mode evaluates the objective."""
-        return self.ops.flow_loss_and_grad(sums, counts, self.real_flow)
-
     def _autograd_features(self, images: torch.Tensor, views: augment.Views) -> torch.Tensor:
         with self.backbone.grad_checkpointing_on(self.checkpointing):
             return self.backbone.features(self._augment(images, views))
