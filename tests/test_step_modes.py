@@ -10,7 +10,7 @@ import torch
 from sfmkern import ops
 from sfmkern.distill import DistillConfig, Distiller, chunk_for_budget, own_bytes_max
 
-SMALL = {"syn_res": 24, "crop": 32}
+SMALL = {"syn_res": 32, "crop": 32}
 
 
 @pytest.fixture(autouse=True)
