@@ -14,40 +14,46 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import num_warps, pow2_block, tile
+from ._launch import gpu_launch, num_warps, pow2_block, tile
 
 
 @triton.jit
 def _flow_stats_kernel(
     S_ptr,  # [num_classes, n_cols] class sums (fp32/fp64), contiguous
-    N_ptr,  # [num_classes] int64 class counts
+    N_ptr,  # [num_classes] int64 class counts, contiguous
     F_ptr,  # [num_classes, n_cols] real flow F (fp32/fp64), contiguous
+    A_ptr,  # [num_classes, n_cols] anchor: target class means A, accumulator dtype (unused unless HAS_ANCHOR)
     FT_ptr,  # out [num_classes, n_cols]: synthetic flow F~, in the accumulator dtype
     FBAR_ptr,  # out [n_cols]: column means of F (zero for a flow made by real_flow, kept for any F)
-    PART_ptr,  # out [num_programs, 3]: <F, F~>, ||F||^2, ||F~||^2 over this program's columns
+    PART_ptr,  # out [num_programs, NUM_STATS]: this program's scaled reductions (see the layout below)
     num_classes,  # C
     n_cols,  # D
+    HAS_ANCHOR: tl.constexpr,  # also reduce the anchoring term's two sums of squares
+    NUM_STATS: tl.constexpr,  # row length of PART (8)
     BLOCK_C: tl.constexpr,  # classes per loop step
     BLOCK_D: tl.constexpr,  # columns per program
 ):
+    # PART row of program p, over its columns; every sum of squares is taken of values divided by the program's own
+    # peak (so nothing overflows or underflows for features near 1e30 or 1e-30), the peaks are stored beside them and
+    # the consumers rescale each partial to the global peak (as LAPACK's nrm2 does):
+    #   0: <F, F~> / (MR MS)   1: ||F||^2 / MR^2   2: ||F~||^2 / MS^2   3: MR = max|F|   4: MS (bounds |F~| / 4)
+    #   5: sum ||mu~ - A||^2 / MA^2   6: sum ||A - Abar||^2 / MA^2   7: MA = max(|A - A_0|, |mu~ - A|)
     pid = tl.program_id(0)
     acc_ty = FT_ptr.dtype.element_ty
     cols = pid * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < n_cols
-    mean_sum = tl.zeros((BLOCK_D,), dtype=acc_ty)  # sum_k mu~_k over this column block
+    # The flows are formed from means centred on class 0's mean (the flow is shift-invariant): with a large common
+    # offset, sum_k mu~_k - C mu~_c would otherwise lose ~log10(C) digits to cancellation.
+    n0 = tl.load(N_ptr).to(acc_ty)
+    ref = tl.load(S_ptr + cols, mask=col_ok, other=0.0).to(acc_ty) / n0
+    if HAS_ANCHOR:
+        a_ref = tl.load(A_ptr + cols, mask=col_ok, other=0.0).to(acc_ty)
+    mean_sum = tl.zeros((BLOCK_D,), dtype=acc_ty)  # sum_k (mu~_k - mu~_0) over this column block
     flow_sum = tl.zeros((BLOCK_D,), dtype=acc_ty)  # sum_k F_k
-    for first in range(0, num_classes, BLOCK_C):
-        cls = first + tl.arange(0, BLOCK_C)
-        cls_ok = cls < num_classes
-        mask = cls_ok[:, None] & col_ok[None, :]
-        offs = cls.to(tl.int64)[:, None] * n_cols + cols[None, :]
-        n = tl.load(N_ptr + cls, mask=cls_ok, other=1).to(acc_ty)
-        mean_sum += tl.sum(tl.load(S_ptr + offs, mask=mask, other=0.0).to(acc_ty) / n[:, None], axis=0)
-        flow_sum += tl.sum(tl.load(F_ptr + offs, mask=mask, other=0.0).to(acc_ty), axis=0)
-    tl.store(FBAR_ptr + cols, flow_sum / num_classes, mask=col_ok)
-    dot = tl.zeros((BLOCK_D,), dtype=acc_ty)
-    sq_real = tl.zeros((BLOCK_D,), dtype=acc_ty)
-    sq_syn = tl.zeros((BLOCK_D,), dtype=acc_ty)
+    anchor_sum = tl.zeros((BLOCK_D,), dtype=acc_ty)  # sum_k (A_k - A_0)
+    peak_mean = tl.zeros((BLOCK_D,), dtype=acc_ty)  # max_k |mu~_k - mu~_0|
+    peak_real = tl.zeros((BLOCK_D,), dtype=acc_ty)  # max_k |F_k|
+    peak_anchor = tl.zeros((BLOCK_D,), dtype=acc_ty)  # max_k max(|A_k - A_0|, |mu~_k - A_k|)
     for first in range(0, num_classes, BLOCK_C):
         cls = first + tl.arange(0, BLOCK_C)
         cls_ok = cls < num_classes
@@ -55,29 +61,98 @@ def _flow_stats_kernel(
         offs = cls.to(tl.int64)[:, None] * n_cols + cols[None, :]
         n = tl.load(N_ptr + cls, mask=cls_ok, other=1).to(acc_ty)
         mean = tl.load(S_ptr + offs, mask=mask, other=0.0).to(acc_ty) / n[:, None]
-        # F~_c = nu~_c - mu~_c = (sum_k mu~_k - mu~_c) / (C - 1) - mu~_c = (sum_k mu~_k - C mu~_c) / (C - 1)
-        syn = tl.where(mask, (mean_sum[None, :] - num_classes * mean) / (num_classes - 1), 0.0)
+        centred = tl.where(mask, mean - ref[None, :], 0.0)
+        real = tl.load(F_ptr + offs, mask=mask, other=0.0).to(acc_ty)
+        mean_sum += tl.sum(centred, axis=0)
+        flow_sum += tl.sum(real, axis=0)
+        peak_mean = tl.maximum(peak_mean, tl.max(tl.abs(centred), axis=0))
+        peak_real = tl.maximum(peak_real, tl.max(tl.abs(real), axis=0))
+        if HAS_ANCHOR:
+            a = tl.load(A_ptr + offs, mask=mask, other=0.0).to(acc_ty)
+            a_centred = tl.where(mask, a - a_ref[None, :], 0.0)
+            anchor_sum += tl.sum(a_centred, axis=0)
+            dev = tl.where(mask, mean - a, 0.0)
+            peak_anchor = tl.maximum(peak_anchor, tl.max(tl.maximum(tl.abs(a_centred), tl.abs(dev)), axis=0))
+    tl.store(FBAR_ptr + cols, flow_sum / num_classes, mask=col_ok)
+    # |F~_c| = |sum_k (mu~_k - mu~_0) - C (mu~_c - mu~_0)| / (C - 1) <= 2C/(C-1) MM <= 4 MM: MS = 4 MM bounds it.
+    ms = 4.0 * tl.max(peak_mean, axis=0)
+    mr = tl.max(peak_real, axis=0)
+    inv_ms = 1.0 / tl.where(ms > 0, ms, 1.0)  # a zero peak means all-zero values: any divisor works
+    inv_mr = 1.0 / tl.where(mr > 0, mr, 1.0)
+    if HAS_ANCHOR:
+        ma = tl.max(peak_anchor, axis=0)
+        inv_ma = 1.0 / tl.where(ma > 0, ma, 1.0)
+        anchor_mean = anchor_sum / num_classes  # Abar - A_0
+    dot = tl.zeros((BLOCK_D,), dtype=acc_ty)
+    sq_real = tl.zeros((BLOCK_D,), dtype=acc_ty)
+    sq_syn = tl.zeros((BLOCK_D,), dtype=acc_ty)
+    sq_dev = tl.zeros((BLOCK_D,), dtype=acc_ty)
+    sq_spread = tl.zeros((BLOCK_D,), dtype=acc_ty)
+    for first in range(0, num_classes, BLOCK_C):
+        cls = first + tl.arange(0, BLOCK_C)
+        cls_ok = cls < num_classes
+        mask = cls_ok[:, None] & col_ok[None, :]
+        offs = cls.to(tl.int64)[:, None] * n_cols + cols[None, :]
+        n = tl.load(N_ptr + cls, mask=cls_ok, other=1).to(acc_ty)
+        mean = tl.load(S_ptr + offs, mask=mask, other=0.0).to(acc_ty) / n[:, None]
+        # F~_c = nu~_c - mu~_c = (sum_k mu~_k - mu~_c) / (C - 1) - mu~_c = (sum_k mu~_k - C mu~_c) / (C - 1),
+        # with every mu~ replaced by mu~ - mu~_0 (the shift cancels)
+        syn = tl.where(mask, (mean_sum[None, :] - num_classes * (mean - ref[None, :])) / (num_classes - 1), 0.0)
         real = tl.load(F_ptr + offs, mask=mask, other=0.0).to(acc_ty)
         tl.store(FT_ptr + offs, syn, mask=mask)
-        dot += tl.sum(real * syn, axis=0)
-        sq_real += tl.sum(real * real, axis=0)
-        sq_syn += tl.sum(syn * syn, axis=0)
-    tl.store(PART_ptr + pid * 3 + 0, tl.sum(dot, axis=0))
-    tl.store(PART_ptr + pid * 3 + 1, tl.sum(sq_real, axis=0))
-    tl.store(PART_ptr + pid * 3 + 2, tl.sum(sq_syn, axis=0))
+        real_s = real * inv_mr
+        syn_s = syn * inv_ms
+        dot += tl.sum(real_s * syn_s, axis=0)
+        sq_real += tl.sum(real_s * real_s, axis=0)
+        sq_syn += tl.sum(syn_s * syn_s, axis=0)
+        if HAS_ANCHOR:
+            a = tl.load(A_ptr + offs, mask=mask, other=0.0).to(acc_ty)
+            dev = tl.where(mask, mean - a, 0.0) * inv_ma
+            spread = tl.where(mask, (a - a_ref[None, :]) - anchor_mean[None, :], 0.0) * inv_ma
+            sq_dev += tl.sum(dev * dev, axis=0)
+            sq_spread += tl.sum(spread * spread, axis=0)
+    row = PART_ptr + pid * NUM_STATS
+    tl.store(row + 0, tl.sum(dot, axis=0))
+    tl.store(row + 1, tl.sum(sq_real, axis=0))
+    tl.store(row + 2, tl.sum(sq_syn, axis=0))
+    tl.store(row + 3, mr)
+    tl.store(row + 4, ms)
+    if HAS_ANCHOR:
+        tl.store(row + 5, tl.sum(sq_dev, axis=0))
+        tl.store(row + 6, tl.sum(sq_spread, axis=0))
+        tl.store(row + 7, ma)
+
+
+@triton.jit
+def _combine_parts(PART_ptr, num_parts, COL: tl.constexpr, PEAK_COL: tl.constexpr, NUM_STATS: tl.constexpr,
+                   BLOCK_P: tl.constexpr):
+    """(sum_p PART[p, COL] * (peak_p / peak)^2, peak) with peak = max_p PART[p, PEAK_COL]: a scaled sum of squares
+    over all programs, relative to the global peak."""
+    parts = tl.arange(0, BLOCK_P)
+    ok = parts < num_parts
+    peaks = tl.load(PART_ptr + parts * NUM_STATS + PEAK_COL, mask=ok, other=0.0)
+    peak = tl.max(peaks, axis=0)
+    ratio = peaks / tl.where(peak > 0, peak, 1.0)
+    return tl.sum(tl.load(PART_ptr + parts * NUM_STATS + COL, mask=ok, other=0.0) * ratio * ratio, axis=0), peak
 
 
 @triton.jit
 def _flow_grad_kernel(
+    S_ptr,  # [num_classes, n_cols] class sums (read only when HAS_ANCHOR), contiguous
+    N_ptr,  # [num_classes] int64 class counts (read only when HAS_ANCHOR), contiguous
     F_ptr,  # [num_classes, n_cols] real flow F, contiguous
+    A_ptr,  # [num_classes, n_cols] anchor A (unused unless HAS_ANCHOR)
     FT_ptr,  # in: synthetic flow F~ [num_classes, n_cols]; out: G = dL/d mu~ (when WRITE_GRAD)
     FBAR_ptr,  # [n_cols] column means of F
-    PART_ptr,  # [num_parts, 3] partial reductions from _flow_stats_kernel
+    PART_ptr,  # [num_parts, NUM_STATS] partial reductions from _flow_stats_kernel
     LP_ptr,  # out [num_programs]: partial sums of ||F/||F|| - F~/||F~|| ||^2
     num_classes,  # C
     n_cols,  # D
     num_parts,  # programs of _flow_stats_kernel
+    W_ptr,  # 0-dim lambda in the accumulator dtype (unused unless HAS_ANCHOR)
     WRITE_GRAD: tl.constexpr,  # compute G (skipped when no input needs a gradient)
+    HAS_ANCHOR: tl.constexpr,  # add the anchoring term's gradient
+    NUM_STATS: tl.constexpr,  # row length of PART
     BLOCK_C: tl.constexpr,  # classes per program
     BLOCK_D: tl.constexpr,  # columns per program
     BLOCK_P: tl.constexpr,  # >= num_parts
@@ -85,60 +160,90 @@ def _flow_grad_kernel(
     pid_c = tl.program_id(0)
     pid_d = tl.program_id(1)
     acc_ty = FT_ptr.dtype.element_ty
+    # Global reductions from the partials, each relative to its global peak: a' = ||F|| / MR, b' = ||F~|| / MS.
+    sq_real, mr = _combine_parts(PART_ptr, num_parts, 1, 3, NUM_STATS, BLOCK_P)
+    sq_syn, ms = _combine_parts(PART_ptr, num_parts, 2, 4, NUM_STATS, BLOCK_P)
     parts = tl.arange(0, BLOCK_P)
     parts_ok = parts < num_parts
-    dot = tl.sum(tl.load(PART_ptr + parts * 3 + 0, mask=parts_ok, other=0.0), axis=0)
-    norm_real = tl.sqrt(tl.sum(tl.load(PART_ptr + parts * 3 + 1, mask=parts_ok, other=0.0), axis=0))
-    norm_syn = tl.sqrt(tl.sum(tl.load(PART_ptr + parts * 3 + 2, mask=parts_ok, other=0.0), axis=0))
+    part_mr = tl.load(PART_ptr + parts * NUM_STATS + 3, mask=parts_ok, other=0.0)
+    part_ms = tl.load(PART_ptr + parts * NUM_STATS + 4, mask=parts_ok, other=0.0)
+    part_dot = tl.load(PART_ptr + parts * NUM_STATS + 0, mask=parts_ok, other=0.0)
+    dot = tl.sum(part_dot * (part_mr / mr) * (part_ms / ms), axis=0)  # <F, F~> / (MR MS)
+    norm_real = tl.sqrt(sq_real)
+    norm_syn = tl.sqrt(sq_syn)
     cls = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < n_cols
-    mask = (cls < num_classes)[:, None] & col_ok[None, :]
+    cls_ok = cls < num_classes
+    mask = cls_ok[:, None] & col_ok[None, :]
     offs = cls.to(tl.int64)[:, None] * n_cols + cols[None, :]
     real = tl.load(F_ptr + offs, mask=mask, other=0.0).to(acc_ty)
     syn = tl.load(FT_ptr + offs, mask=mask, other=0.0)
-    # L = 1 - <F, F~>/(ab) = ||F/a - F~/b||^2 / 2 (a = ||F||, b = ||F~||): the difference of unit vectors keeps the
+    # Unit vectors u = F/||F||, v = F~/||F~||, each formed from values scaled by their peak.
+    unit_real = (real / mr) / norm_real
+    unit_syn = (syn / ms) / norm_syn
+    # L = 1 - <F, F~>/(ab) = ||u - v||^2 / 2 (a = ||F||, b = ||F~||): the difference of unit vectors keeps the
     # loss's relative accuracy as L -> 0, where 1 - cos would cancel; an error in a or b only scales L by (1 + eps).
-    diff = tl.where(mask, real / norm_real - syn / norm_syn, 0.0)
+    diff = tl.where(mask, unit_real - unit_syn, 0.0)
     tl.store(LP_ptr + pid_c * tl.num_programs(1) + pid_d, tl.sum(tl.sum(diff * diff, axis=1), axis=0))
     if WRITE_GRAD:
-        # Gradient. With d = <F, F~>: dL/dF~ = H = -F/(ab) + d F~/(a b^3). The synthetic flow is linear in mu~:
+        # Gradient. With cos = <u, v>: dL/dF~ = H = -(u - cos v) / b. The synthetic flow is linear in mu~:
         # F~ = -C/(C-1) P mu~, with P = I - 11^T/C the centring over classes (symmetric), hence
-        # G = dL/dmu~ = -C/(C-1) P H = -C/(C-1) (H - colmean(H)). F~ is centred (its rows sum to zero), so
-        # colmean(H) = -colmean(F)/(ab), and
-        #     G = C / ((C-1) a b) * (F - colmean(F) - (d / b^2) F~).
+        # G = dL/dmu~ = -C/(C-1) P H = -C/(C-1) (H - colmean(H)). v is centred (its rows sum to zero), so
+        # colmean(H) = -colmean(u)/b, and
+        #     G = C / ((C-1) b) * (u - colmean(u) - cos v).
         # colmean(F) is zero for a flow from real_flow() (also centred); subtracting it keeps G exact for any F.
         fbar = tl.load(FBAR_ptr + cols, mask=col_ok, other=0.0)
-        scale = num_classes / ((num_classes - 1) * norm_real * norm_syn)
-        proj = dot / (norm_syn * norm_syn)
-        grad = scale * ((real - fbar[None, :]) - proj * syn)
+        cos = dot / (norm_real * norm_syn)
+        scale = num_classes / ((num_classes - 1) * (ms * norm_syn))
+        grad = scale * ((unit_real - ((fbar / mr) / norm_real)[None, :]) - cos * unit_syn)
+        if HAS_ANCHOR:
+            # d/dmu~ of lambda sum ||mu~ - A||^2 / sum ||A - Abar||^2 = 2 lambda (mu~ - A) / spread, with both
+            # scaled by MA: 2 lambda ((mu~ - A) / MA) / (spread / MA^2) / MA.
+            spread, ma = _combine_parts(PART_ptr, num_parts, 6, 7, NUM_STATS, BLOCK_P)
+            n = tl.load(N_ptr + cls, mask=cls_ok, other=1).to(acc_ty)
+            mean = tl.load(S_ptr + offs, mask=mask, other=0.0).to(acc_ty) / n[:, None]
+            a = tl.load(A_ptr + offs, mask=mask, other=0.0).to(acc_ty)
+            grad += (2.0 * tl.load(W_ptr)) * ((mean - a) / ma) / spread / ma
         tl.store(FT_ptr + offs, grad, mask=mask)
 
 
 @triton.jit
 def _loss_finalize_kernel(
-    LP_ptr,  # [num_parts] partial sums of ||F/a - F~/b||^2
+    LP_ptr,  # [num_loss_parts] partial sums of ||u - v||^2
+    PART_ptr,  # [num_parts, NUM_STATS] partial reductions of _flow_stats_kernel (anchoring term)
     L_ptr,  # out: 0-dim loss
-    num_parts,  # programs of _flow_grad_kernel
-    BLOCK_P: tl.constexpr,  # parts per loop step
+    num_loss_parts,  # programs of _flow_grad_kernel
+    num_parts,  # programs of _flow_stats_kernel
+    W_ptr,  # 0-dim lambda in the accumulator dtype (unused unless HAS_ANCHOR)
+    HAS_ANCHOR: tl.constexpr,  # add lambda * sum ||mu~ - A||^2 / sum ||A - Abar||^2
+    NUM_STATS: tl.constexpr,  # row length of PART
+    BLOCK_L: tl.constexpr,  # loss parts per loop step
+    BLOCK_P: tl.constexpr,  # >= num_parts
 ):
-    acc = tl.zeros((BLOCK_P,), dtype=L_ptr.dtype.element_ty)
-    for first in range(0, num_parts, BLOCK_P):
-        parts = first + tl.arange(0, BLOCK_P)
-        acc += tl.load(LP_ptr + parts, mask=parts < num_parts, other=0.0)
-    tl.store(L_ptr, 0.5 * tl.sum(acc, axis=0))
+    acc = tl.zeros((BLOCK_L,), dtype=L_ptr.dtype.element_ty)
+    for first in range(0, num_loss_parts, BLOCK_L):
+        parts = first + tl.arange(0, BLOCK_L)
+        acc += tl.load(LP_ptr + parts, mask=parts < num_loss_parts, other=0.0)
+    loss = 0.5 * tl.sum(acc, axis=0)
+    if HAS_ANCHOR:
+        dev, _ = _combine_parts(PART_ptr, num_parts, 5, 7, NUM_STATS, BLOCK_P)
+        spread, _ = _combine_parts(PART_ptr, num_parts, 6, 7, NUM_STATS, BLOCK_P)
+        loss += tl.load(W_ptr) * (dev / spread)
+    tl.store(L_ptr, loss)
 
 
 @triton.jit
 def _feature_grad_kernel(
     G_ptr,  # [num_classes, n_cols] per-class gradient (fp32/fp64), contiguous
     N_ptr,  # [num_classes] int64 counts (unused unless HAS_COUNTS)
-    Y_ptr,  # [n_rows] int64 labels
+    Y_ptr,  # [n_rows] int64 labels, any stride
     SCALE_ptr,  # 0-dim scale, e.g. the upstream grad_output (unused unless HAS_SCALE)
     OUT_ptr,  # out [n_rows, n_cols] feature gradient, any float dtype, contiguous
     n_rows,  # N
     n_cols,  # D
     num_classes,  # C
+    stride_y,  # elements between labels (0 for expanded labels)
     HAS_COUNTS: tl.constexpr,  # divide by n_{y_i}
     HAS_SCALE: tl.constexpr,  # multiply by *SCALE_ptr
     BLOCK_N: tl.constexpr,  # rows per program
@@ -150,7 +255,7 @@ def _feature_grad_kernel(
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     row_ok = rows < n_rows
     col_ok = cols < n_cols
-    labels = tl.load(Y_ptr + rows, mask=row_ok, other=0)
+    labels = tl.load(Y_ptr + rows * stride_y, mask=row_ok, other=0)
     valid = row_ok & (labels >= 0) & (labels < num_classes)  # out-of-range rows (checks off) get a zero gradient
     grad = tl.load(G_ptr + labels[:, None] * n_cols + cols[None, :], mask=valid[:, None] & col_ok[None, :], other=0.0)
     if HAS_COUNTS:
@@ -162,51 +267,68 @@ def _feature_grad_kernel(
     tl.store(OUT_ptr + rows[:, None] * n_cols + cols[None, :], grad.to(OUT_ptr.dtype.element_ty), mask=out_mask)
 
 
+NUM_STATS = 8  # row length of the partial-reduction buffer (layout in _flow_stats_kernel)
+
+
 def flow_loss_and_grad_triton(sums: torch.Tensor, counts: torch.Tensor, real_flow: torch.Tensor, *,
-                              compute_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                              compute_grad: bool = True, anchor: torch.Tensor | None = None,
+                              anchor_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the fused loss kernels. Inputs are validated by `sfmkern.ops`.
 
     Args:
-        sums: [C, D] fp32/fp64 class sums; counts: [C] int64 (every n_c >= 1); real_flow: [C, D] fp32/fp64.
+        sums: [C, D] fp32/fp64 class sums; counts: [C] int64 (every n_c >= 1); real_flow: [C, D] fp32/fp64; any
+            strides (copied to contiguous: they are C x D, never N x D).
         compute_grad: write G (otherwise the returned buffer holds the synthetic flow F~ and must not be used).
+        anchor: optional [C, D] target class means A, with anchor_weight lambda: the loss gains
+            lambda * sum_c ||mu~_c - A_c||^2 / sum_c ||A_c - Abar||^2 and G its gradient, in the same passes.
     Returns:
         loss: 0-dim, sums' dtype. G: [C, D] sums' dtype, G = dL/d mu~ with mu~ = sums / counts.
 
     Equivalent PyTorch:
-        mu = (sums / counts[:, None]).requires_grad_(); loss = sfmkern.reference.flow_loss(mu, real_flow)
+        mu = (sums / counts[:, None]).requires_grad_()
+        loss = sfmkern.reference.flow_loss(mu, real_flow, anchor, anchor_weight)
         G, = torch.autograd.grad(loss, mu)
     """
     sums = sums.contiguous()
-    real_flow = real_flow.contiguous()
-    num_classes, n_cols = sums.shape
+    counts = counts.contiguous()
     acc = sums.dtype
+    real_flow = real_flow.to(acc).contiguous()
+    has_anchor = anchor is not None and anchor_weight != 0
+    anchor = anchor.to(acc).contiguous() if has_anchor else sums
+    num_classes, n_cols = sums.shape
     device = sums.device
-    on_gpu = device.type == "cuda"
+    on_gpu = gpu_launch(sums)
     syn_flow = torch.empty_like(sums)  # becomes G in place
     flow_mean = torch.empty(n_cols, dtype=acc, device=device)
     # (1) Column blocks, each looping over all classes: narrow on a GPU for parallelism, one block in the interpreter.
     stats_d = pow2_block(n_cols, 32) if on_gpu else tile(sums, 1, n_cols)[1]
     stats_c = pow2_block(num_classes, 128) if on_gpu else tile(sums, num_classes, stats_d)[0]
     num_parts = triton.cdiv(n_cols, stats_d)
-    parts = torch.empty(num_parts, 3, dtype=acc, device=device)
+    parts = torch.zeros(num_parts, NUM_STATS, dtype=acc, device=device)
     _flow_stats_kernel[(num_parts,)](
-        S_ptr=sums, N_ptr=counts, F_ptr=real_flow, FT_ptr=syn_flow, FBAR_ptr=flow_mean, PART_ptr=parts,
-        num_classes=num_classes, n_cols=n_cols, BLOCK_C=stats_c, BLOCK_D=stats_d,
-        num_warps=num_warps(stats_c * stats_d),
+        S_ptr=sums, N_ptr=counts, F_ptr=real_flow, A_ptr=anchor, FT_ptr=syn_flow, FBAR_ptr=flow_mean,
+        PART_ptr=parts, num_classes=num_classes, n_cols=n_cols, HAS_ANCHOR=has_anchor, NUM_STATS=NUM_STATS,
+        BLOCK_C=stats_c, BLOCK_D=stats_d, num_warps=num_warps(stats_c * stats_d),
     )
     # (2) Tiles over [C, D]: G and the loss partials.
     block_c, block_d = tile(sums, num_classes, n_cols, max_cols=256 if on_gpu else 1024)
     grid = (triton.cdiv(num_classes, block_c), triton.cdiv(n_cols, block_d))
     loss_parts = torch.empty(grid[0] * grid[1], dtype=acc, device=device)
+    block_p = pow2_block(num_parts, 1 << 30)
+    weight = torch.full((), float(anchor_weight) if has_anchor else 0.0, dtype=acc, device=device)  # no host copy
     _flow_grad_kernel[grid](
-        F_ptr=real_flow, FT_ptr=syn_flow, FBAR_ptr=flow_mean, PART_ptr=parts, LP_ptr=loss_parts,
-        num_classes=num_classes, n_cols=n_cols, num_parts=num_parts, WRITE_GRAD=compute_grad, BLOCK_C=block_c,
-        BLOCK_D=block_d, BLOCK_P=pow2_block(num_parts, 1 << 30), num_warps=num_warps(block_c * block_d),
+        S_ptr=sums, N_ptr=counts, F_ptr=real_flow, A_ptr=anchor, FT_ptr=syn_flow, FBAR_ptr=flow_mean,
+        PART_ptr=parts, LP_ptr=loss_parts, num_classes=num_classes, n_cols=n_cols, num_parts=num_parts,
+        W_ptr=weight, WRITE_GRAD=compute_grad, HAS_ANCHOR=has_anchor, NUM_STATS=NUM_STATS,
+        BLOCK_C=block_c, BLOCK_D=block_d, BLOCK_P=block_p, num_warps=num_warps(block_c * block_d),
     )
     # (3) The loss.
     loss = torch.empty((), dtype=acc, device=device)
-    _loss_finalize_kernel[(1,)](LP_ptr=loss_parts, L_ptr=loss, num_parts=loss_parts.numel(),
-                                BLOCK_P=pow2_block(loss_parts.numel(), 1024), num_warps=4)
+    _loss_finalize_kernel[(1,)](
+        LP_ptr=loss_parts, PART_ptr=parts, L_ptr=loss, num_loss_parts=loss_parts.numel(), num_parts=num_parts,
+        W_ptr=weight, HAS_ANCHOR=has_anchor, NUM_STATS=NUM_STATS,
+        BLOCK_L=pow2_block(loss_parts.numel(), 1024), BLOCK_P=block_p, num_warps=4,
+    )
     return loss, syn_flow
 
 
@@ -223,17 +345,18 @@ def feature_grad_triton(grad: torch.Tensor, counts: torch.Tensor | None, labels:
         (scale * grad[labels] / counts[labels, None]).to(dtype)
     """
     grad = grad.contiguous()
+    counts = counts.contiguous() if counts is not None else None
     num_classes, n_cols = grad.shape
     n_rows = labels.shape[0]
     out = torch.empty(n_rows, n_cols, dtype=dtype, device=grad.device)
     if n_rows == 0:
         return out
-    block_n, block_d = tile(grad, n_rows, n_cols, max_cols=512 if grad.device.type == "cuda" else 1024)
+    block_n, block_d = tile(grad, n_rows, n_cols, max_cols=512 if gpu_launch(grad) else 1024)
     grid = (triton.cdiv(n_rows, block_n), triton.cdiv(n_cols, block_d))
     _feature_grad_kernel[grid](
         G_ptr=grad, N_ptr=counts if counts is not None else labels, Y_ptr=labels,
         SCALE_ptr=scale if scale is not None else grad, OUT_ptr=out, n_rows=n_rows, n_cols=n_cols,
-        num_classes=num_classes, HAS_COUNTS=counts is not None, HAS_SCALE=scale is not None, BLOCK_N=block_n,
-        BLOCK_D=block_d, num_warps=num_warps(block_n * block_d),
+        num_classes=num_classes, stride_y=labels.stride(0), HAS_COUNTS=counts is not None,
+        HAS_SCALE=scale is not None, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps(block_n * block_d),
     )
     return out

@@ -11,6 +11,7 @@ Two kinds of check:
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -137,6 +138,44 @@ def check_centres(real_centres) -> tuple[int, int]:
     return c, d
 
 
+def check_flow_nonzero(real_flow: torch.Tensor, name: str = "real_flow") -> None:
+    """The real flow is not identically zero (its norm divides the cosine). (Value check.)"""
+    if not bool((real_flow != 0).any()):
+        raise ValueError(
+            f"{name}: all zero (||F|| = 0, e.g. every real class centre is equal), so the flow cosine is undefined"
+        )
+
+
+def validate_anchor(anchor, anchor_weight, num_classes: int, n_cols: int, device: torch.device) -> bool:
+    """The optional anchoring term: anchor None or a [C, D] float32/float64 tensor on `device`, anchor_weight a finite
+    real >= 0 (> 0 needs an anchor). Value checks: anchor finite, its rows not all equal (the term divides by their
+    spread). Returns whether the term is active (anchor given and weight > 0)."""
+    if isinstance(anchor_weight, bool) or not isinstance(anchor_weight, (int, float)):
+        raise TypeError(f"anchor_weight: expected a float, got {type(anchor_weight).__name__}")
+    if not math.isfinite(anchor_weight) or anchor_weight < 0:
+        raise ValueError(f"anchor_weight={anchor_weight!r}: expected a finite value >= 0")
+    if anchor is None:
+        if anchor_weight > 0:
+            raise ValueError(f"anchor_weight={anchor_weight!r} > 0 but no anchor was given")
+        return False
+    _check_tensor(anchor, "anchor")
+    if anchor.dtype not in STAT_DTYPES:
+        raise TypeError(f"anchor: expected dtype float32 or float64, got {anchor.dtype}")
+    if tuple(anchor.shape) != (num_classes, n_cols):
+        raise ValueError(f"anchor: expected shape [{num_classes}, {n_cols}] (one target mean per class), "
+                         f"got {tuple(anchor.shape)}")
+    if anchor.device != device:
+        raise ValueError(f"anchor: on {anchor.device} but expected {device}")
+    if anchor_weight == 0:
+        return False
+    if value_checks_enabled(device):
+        check_finite_rows(anchor, "anchor")
+        if not bool((anchor != anchor[:1]).any()):
+            raise ValueError("anchor: all rows are equal, so the anchoring term's normaliser sum_c ||A_c - Abar||^2 "
+                             "is zero")
+    return True
+
+
 def validate_class_sums(features, labels, num_classes, sorted_labels) -> tuple[int, int, int]:
     """All checks of `class_sums` (values only when enabled). Returns (N, D, C)."""
     n, d = check_features(features)
@@ -164,6 +203,7 @@ def validate_sfm_loss(features, labels, real_flow, sorted_labels) -> tuple[int, 
         check_label_values(labels, c)
         check_finite_rows(features)
         check_finite_rows(real_flow, "real_flow")
+        check_flow_nonzero(real_flow)
         if sorted_labels:
             check_sorted(labels)
     return n, d, c
@@ -184,6 +224,7 @@ def validate_flow_loss(sums, counts, real_flow) -> tuple[int, int]:
         check_counts_nonempty(counts)
         check_finite_rows(sums, "sums")
         check_finite_rows(real_flow, "real_flow")
+        check_flow_nonzero(real_flow)
     return c, d
 
 

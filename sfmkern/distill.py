@@ -34,7 +34,6 @@ import torch
 from sfmkern import _io, augment
 from sfmkern._callable import make_module_callable
 from sfmkern._nvtx import nvtx_range
-from sfmkern.realdata import add_anchor
 from sfmkern.synthetic import PARAMETERISATIONS, SyntheticImages, decode, level_sizes
 
 MODES = ("auto", "single", "two_phase")
@@ -394,17 +393,17 @@ class Distiller:
 
     def _loss_and_grad(self, sums: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The objective on the (all-reduced) per-target feature sums [T, D] and counts [T] -> (loss, G = dL/dμ̃
-        [T, D]): the flow cosine, plus with objective="anchored" the anchoring term (realdata.add_anchor). Every
-        step mode computes its loss here."""
-        loss, grad = self.ops.flow_loss_and_grad(sums, counts, self.real_flow)
+        [T, D]): the flow cosine, plus with objective="anchored" the anchoring term (fused in
+        `ops.flow_loss_and_grad(..., anchor=, anchor_weight=)`). Every step mode computes its loss here."""
         cfg = self.config
         if self.anchor is None or cfg.anchor_weight == 0:
-            return loss, grad
+            return self.ops.flow_loss_and_grad(sums, counts, self.real_flow)
         anchor = self.anchor
         if cfg.anchor_target == "centred":  # the targets moved by the common offset of the synthetic means
             mu = sums / counts.clamp_min(1).to(sums.dtype).unsqueeze(1)
             anchor = anchor - anchor.mean(0, keepdim=True) + mu.mean(0, keepdim=True)
-        return add_anchor(loss, grad, sums, counts, anchor, cfg.anchor_weight)
+        return self.ops.flow_loss_and_grad(sums, counts, self.real_flow, anchor=anchor,
+                                           anchor_weight=cfg.anchor_weight)
 
     # -------------------------------------------------------------------------------------------- state
     def _new_optimizer(self) -> None:

@@ -137,23 +137,28 @@ def real_flow(real_centres: torch.Tensor) -> torch.Tensor:
     return reference.real_flow(real_centres)
 
 
-def flow_loss_and_grad(sums: torch.Tensor, counts: torch.Tensor,
-                       real_flow: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def flow_loss_and_grad(sums: torch.Tensor, counts: torch.Tensor, real_flow: torch.Tensor, *,
+                       anchor: torch.Tensor | None = None,
+                       anchor_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """The SFM loss from class sums (e.g. after an all-reduce) and G = dL/d mu~, with mu~ = sums / counts.
 
     Args:
         sums: [C, D] float32 (or float64); counts: [C] int64 with every n_c >= 1; real_flow: [C, D] float32/float64.
+        anchor: optional [C, D] float32/float64 target class means A (same feature space as mu~);
+        anchor_weight: lambda >= 0. With both, L += lambda * sum_c ||mu~_c - A_c||^2 / sum_c ||A_c - Abar||^2.
     Returns:
-        loss: 0-dim (sums' dtype) = 1 - <F, F~> / (||F|| ||F~||). G: [C, D] sums' dtype.
+        loss: 0-dim (sums' dtype) = 1 - <F, F~> / (||F|| ||F~||) [+ the anchoring term]. G: [C, D] sums' dtype.
 
     Equivalent PyTorch:
-        mu = (sums / counts[:, None]).requires_grad_(); loss = sfmkern.reference.flow_loss(mu, real_flow)
+        mu = (sums / counts[:, None]).requires_grad_()
+        loss = sfmkern.reference.flow_loss(mu, real_flow, anchor, anchor_weight)
         G, = torch.autograd.grad(loss, mu)
     """
     if backend_for(sums) == "torch":
-        return reference.flow_loss_and_grad(sums, counts, real_flow)
+        return reference.flow_loss_and_grad(sums, counts, real_flow, anchor=anchor, anchor_weight=anchor_weight)
     _validate.validate_flow_loss(sums, counts, real_flow)
-    return _kernels().flow_loss_and_grad_triton(sums, counts, real_flow)
+    _validate.validate_anchor(anchor, anchor_weight, sums.shape[0], sums.shape[1], sums.device)
+    return _kernels().flow_loss_and_grad_triton(sums, counts, real_flow, anchor=anchor, anchor_weight=anchor_weight)
 
 
 def feature_grad(grad: torch.Tensor, counts: torch.Tensor | None, labels: torch.Tensor, *,
@@ -179,14 +184,21 @@ class SFMLoss(torch.autograd.Function):
     """Forward: class sums -> synthetic flow -> loss and G (saved); backward: grad_output * G[y_i] / n_{y_i}."""
 
     @staticmethod
-    def forward(ctx, features, labels, real_flow, num_classes, deterministic, sorted_labels, check_values):
+    def forward(ctx, features, labels, real_flow, num_classes, deterministic, sorted_labels, check_values, anchor,
+                anchor_weight):
         kernels = _kernels()
+        # Sums of z_i - z_0: the flow and G are shift-invariant, and centred sums keep their accuracy when the
+        # features share a large offset. The anchor is shifted alike (in float64, then rounded once).
+        shift = features[0].detach()
         sums, counts = kernels.class_sums_triton(features, labels, num_classes, deterministic=deterministic,
-                                                 sorted_labels=sorted_labels)
+                                                 sorted_labels=sorted_labels, shift=shift)
         if check_values:  # needs the counts: after the class sums, before the loss kernel
             _validate.check_counts_nonempty(counts)
+        if anchor is not None and anchor_weight != 0:
+            anchor = (anchor.to(torch.float64) - shift.to(torch.float64)).to(sums.dtype)
         need_grad = ctx.needs_input_grad[0]
-        loss, grad = kernels.flow_loss_and_grad_triton(sums, counts, real_flow, compute_grad=need_grad)
+        loss, grad = kernels.flow_loss_and_grad_triton(sums, counts, real_flow, compute_grad=need_grad,
+                                                       anchor=anchor, anchor_weight=anchor_weight)
         if need_grad:
             ctx.save_for_backward(grad, counts, labels)
             ctx.features_dtype = features.dtype
@@ -198,11 +210,12 @@ class SFMLoss(torch.autograd.Function):
         grad, counts, labels = ctx.saved_tensors
         features_grad = _kernels().feature_grad_triton(grad, counts, labels, scale=grad_output,
                                                        dtype=ctx.features_dtype)
-        return features_grad, None, None, None, None, None, None
+        return features_grad, None, None, None, None, None, None, None, None
 
 
 def sfm_loss(features: torch.Tensor, labels: torch.Tensor, real_flow: torch.Tensor, *, deterministic: bool = False,
-             sorted_labels: bool | None = None) -> torch.Tensor:
+             sorted_labels: bool | None = None, anchor: torch.Tensor | None = None,
+             anchor_weight: float = 0.0) -> torch.Tensor:
     """The SFM flow-matching loss of synthetic features against a real flow, differentiable w.r.t. `features`.
 
     L = 1 - <vec F, vec F~> / (||F|| ||F~||) with F~ the flow of the synthetic class means (see sfmkern.reference).
@@ -215,6 +228,8 @@ def sfm_loss(features: torch.Tensor, labels: torch.Tensor, real_flow: torch.Tens
         labels: [N] int64; every class 0..C-1 needs at least one row.
         real_flow: [C, D] float32/float64 from `real_flow(real_centres)`.
         deterministic, sorted_labels: as in `class_sums`.
+        anchor, anchor_weight: optional anchoring term, as in `flow_loss_and_grad` (computed in the same fused
+            passes; A is a constant).
     Returns:
         0-dim float32 loss (float64 for float64 features).
 
@@ -223,8 +238,10 @@ def sfm_loss(features: torch.Tensor, labels: torch.Tensor, real_flow: torch.Tens
     """
     if backend_for(features) == "torch":
         return reference.sfm_loss(features, labels, real_flow, deterministic=deterministic,
-                                  sorted_labels=sorted_labels)
-    _, _, c = _validate.validate_sfm_loss(features, labels, real_flow, sorted_labels)
+                                  sorted_labels=sorted_labels, anchor=anchor, anchor_weight=anchor_weight)
+    _, d, c = _validate.validate_sfm_loss(features, labels, real_flow, sorted_labels)
+    active = _validate.validate_anchor(anchor, anchor_weight, c, d, features.device)
     is_sorted = _resolve_sorted(labels, sorted_labels)
     check_values = _validate.value_checks_enabled(features.device)
-    return SFMLoss.apply(features, labels, real_flow.detach(), c, deterministic, is_sorted, check_values)
+    return SFMLoss.apply(features, labels, real_flow.detach(), c, deterministic, is_sorted, check_values,
+                         anchor.detach() if active else None, float(anchor_weight) if active else 0.0)

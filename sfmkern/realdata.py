@@ -7,8 +7,7 @@ sub-centres and augmented class centres, each computed once and cached beside th
   views get, over a capped seeded subset per class: the anchor's targets. Anchoring the means of augmented synthetic
   views to centres of clean centre crops would pull against the augmentation's common shift (the flow cancels it,
   the anchor would not).
-- `add_anchor(loss, grad, sums, counts, anchor, weight)`: the anchoring term beside the flow cosine (the formula of
-  `sfmkern.ops.flow_loss_and_grad(..., anchor=, anchor_weight=)`), computed on the C x D class means in torch.
+The anchoring term itself is fused into `sfmkern.ops.flow_loss_and_grad(..., anchor=, anchor_weight=)`.
 """
 
 from __future__ import annotations
@@ -177,19 +176,6 @@ def augmented_centres(stats, source, backbone, config, *, targets: torch.Tensor 
     centres = (sums / counts[:, None]).float()
     _save(path, {"centres": centres}, key, stats)
     return centres
-
-
-def add_anchor(loss: torch.Tensor, grad: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor,
-               anchor: torch.Tensor, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flow loss and G = dL/dμ̃ [C, D] plus the anchoring term on the synthetic means μ̃ = sums / counts:
-        L += weight · Σ_c ||μ̃_c − A_c||² / Σ_c ||A_c − Ā||²,   G += 2 · weight · (μ̃ − A) / Σ_c ||A_c − Ā||²
-    (the normaliser is the spread of the targets around their mean: scale-free, blind to a common offset)."""
-    if weight == 0:
-        return loss, grad
-    mu = sums / counts.clamp_min(1).to(sums.dtype).unsqueeze(1)
-    spread = (anchor - anchor.mean(0, keepdim=True)).pow(2).sum().clamp_min(1e-12)
-    diff = mu - anchor
-    return loss + weight * diff.pow(2).sum() / spread, grad + (2 * weight / spread) * diff
 
 
 def prepare(stats, source, backbone, config) -> dict:

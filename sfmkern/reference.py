@@ -64,38 +64,73 @@ def real_flow(real_centres: torch.Tensor) -> torch.Tensor:
     """
     _validate.check_centres(real_centres)
     out = torch.float64 if real_centres.dtype == torch.float64 else torch.float32
-    return _flow(real_centres.to(torch.float64)).to(out)
+    flow = _flow(real_centres.to(torch.float64)).to(out)
+    _validate.check_flow_nonzero(flow, "real_flow(real_centres)")  # computed once per run: this sync is cheap
+    return flow
 
 
 def _flow(means: torch.Tensor) -> torch.Tensor:
-    """F_c = nu_c - mu_c with nu_c the mean of the other classes' means; means [C, D] -> [C, D], same dtype."""
+    """F_c = nu_c - mu_c with nu_c the mean of the other classes' means; means [C, D] -> [C, D], same dtype.
+
+    The flow is shift-invariant, so it is formed from means centred on the first class's mean (detached: a constant
+    shift): with features sharing a large common offset, sum_k mu_k - C mu_c would otherwise cancel ~C-fold.
+    """
     c = means.shape[0]
-    others_mean = (means.sum(dim=0, keepdim=True) - means) / (c - 1)
-    return others_mean - means
+    centred = means - means[:1].detach()
+    others_mean = (centred.sum(dim=0, keepdim=True) - centred) / (c - 1)
+    return others_mean - centred
 
 
-def flow_loss(mean_syn: torch.Tensor, real_flow: torch.Tensor) -> torch.Tensor:
-    """L = 1 - <F, F~> / (||F|| ||F~||) from synthetic class means mu~ [C, D] and the real flow F [C, D], computed in
-    the dtype of `mean_syn` (no checks; differentiable; also what tests run in bf16/fp16 to measure torch's own error).
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    """x / ||x||, scaled by max|x| (a detached constant) before the norm so that it neither overflows nor underflows
+    (features near 1e30 would overflow a float32 sum of squares)."""
+    peak = x.detach().abs().amax()
+    peak = torch.where(peak > 0, peak, torch.ones_like(peak))
+    scaled = x / peak
+    return scaled / torch.linalg.vector_norm(scaled)
+
+
+def anchor_term(mean_syn: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+    """sum_c ||mu~_c - A_c||^2 / sum_c ||A_c - Abar||^2 (Abar = mean_c A_c), in the dtype of `mean_syn`. Both sums of
+    squares are scaled by the same constant (the peak of |A - Abar|) so that neither overflows."""
+    target = anchor.to(mean_syn.dtype)
+    spread = target - target.mean(dim=0, keepdim=True)
+    peak = spread.detach().abs().amax()
+    peak = torch.where(peak > 0, peak, torch.ones_like(peak))
+    return ((mean_syn - target) / peak).square().sum() / (spread / peak).square().sum()
+
+
+def flow_loss(mean_syn: torch.Tensor, real_flow: torch.Tensor, anchor: torch.Tensor | None = None,
+              anchor_weight: float = 0.0) -> torch.Tensor:
+    """L = 1 - <F, F~> / (||F|| ||F~||) [+ anchor_weight * anchor_term(mu~, A)] from synthetic class means mu~ [C, D]
+    and the real flow F [C, D], computed in the dtype of `mean_syn` (no checks; differentiable; also what tests run
+    to measure torch's own error). The cosine is taken between the unit vectors, each scaled by its peak first.
     """
     syn_flow = _flow(mean_syn)
     flow = real_flow.to(mean_syn.dtype)
-    return 1 - (flow * syn_flow).sum() / (torch.linalg.vector_norm(flow) * torch.linalg.vector_norm(syn_flow))
+    loss = 1 - (_unit(flow) * _unit(syn_flow)).sum()
+    if anchor is not None and anchor_weight != 0:
+        loss = loss + anchor_weight * anchor_term(mean_syn, anchor)
+    return loss
 
 
-def flow_loss_and_grad(sums: torch.Tensor, counts: torch.Tensor,
-                       real_flow: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def flow_loss_and_grad(sums: torch.Tensor, counts: torch.Tensor, real_flow: torch.Tensor, *,
+                       anchor: torch.Tensor | None = None,
+                       anchor_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """The SFM loss from class sums and its gradient w.r.t. the synthetic class means.
 
     Args:
         sums: [C, D] float32/float64 class sums; counts: [C] int64, every n_c >= 1; real_flow: [C, D] float32/64.
+        anchor: optional [C, D] float32/float64 target class means A; anchor_weight: lambda >= 0. With both,
+            L += lambda * sum_c ||mu~_c - A_c||^2 / sum_c ||A_c - Abar||^2 (see `anchor_term`).
     Returns:
         loss: 0-dim, sums' dtype. G: [C, D] = dL/d mu~ (mu~ = sums / counts), by autograd.
     """
     _validate.validate_flow_loss(sums, counts, real_flow)
+    _validate.validate_anchor(anchor, anchor_weight, sums.shape[0], sums.shape[1], sums.device)
     mean_syn = (sums.detach() / counts.to(sums.dtype)[:, None]).requires_grad_(True)
     with torch.enable_grad():
-        loss = flow_loss(mean_syn, real_flow)
+        loss = flow_loss(mean_syn, real_flow, anchor, anchor_weight)
         (grad,) = torch.autograd.grad(loss, mean_syn)
     return loss.detach(), grad
 
@@ -120,21 +155,31 @@ def feature_grad(grad: torch.Tensor, counts: torch.Tensor | None, labels: torch.
 
 
 def sfm_loss(features: torch.Tensor, labels: torch.Tensor, real_flow: torch.Tensor, *, deterministic: bool = False,
-             sorted_labels: bool | None = None) -> torch.Tensor:
+             sorted_labels: bool | None = None, anchor: torch.Tensor | None = None,
+             anchor_weight: float = 0.0) -> torch.Tensor:
     """The SFM flow-matching loss of synthetic features against a real flow; differentiable w.r.t. `features`.
 
     Args:
         features: [N, D] float32/bf16/fp16/float64 synthetic features; labels: [N] int64, every class present;
         real_flow: [C, D] float32/float64 from `real_flow(real_centres)` (treated as a constant).
+        anchor, anchor_weight: optional anchoring term, as in `flow_loss_and_grad` (A is a constant).
     Returns:
         0-dim float32 loss (float64 for float64 features).
+
+    The class sums are taken of z_i - z_0 (row 0, a detached constant): the flow is shift-invariant, and with
+    features sharing a large offset the centred sums keep their relative accuracy. The anchor is shifted alike.
     """
     _, d, c = _validate.validate_sfm_loss(features, labels, real_flow, sorted_labels)
+    _validate.validate_anchor(anchor, anchor_weight, c, d, features.device)
     acc = _acc_dtype(features.dtype)
     zeros = torch.zeros(c, d, dtype=acc, device=features.device)
-    values = features.to(acc)
+    shift = features[:1].detach().to(acc)
+    values = features.to(acc) - shift
     sums = zeros.index_put((labels,), values, accumulate=True) if deterministic else zeros.index_add(0, labels, values)
     counts = torch.bincount(labels, minlength=c)
     if _validate.value_checks_enabled(features.device):
         _validate.check_counts_nonempty(counts)
-    return flow_loss(sums / counts.to(acc)[:, None], real_flow.detach())
+    target = None
+    if anchor is not None and anchor_weight != 0:
+        target = (anchor.detach().to(torch.float64) - shift.to(torch.float64)).to(acc)
+    return flow_loss(sums / counts.to(acc)[:, None], real_flow.detach(), target, anchor_weight)

@@ -117,7 +117,7 @@ def test_real_start_picks_the_centroid_images(cached_stats, folder, backbone):
 
 
 def test_subcentre_flows_and_augmented_anchor(cached_stats, folder, backbone):
-    cfg = DistillConfig(ipc=2, anchor_images=3, anchor_views=2, **SMALL)
+    cfg = DistillConfig(ipc=2, objective="anchored", anchor_images=3, anchor_views=2, **SMALL)
     real = realdata.prepare(cached_stats, folder, backbone, cfg)
     assert real["targets"].shape == (3 * 2, backbone.feature_dim)
     assert real["anchor"].shape == (6, backbone.feature_dim) and bool(torch.isfinite(real["anchor"]).all())
@@ -131,22 +131,55 @@ def test_subcentre_flows_and_augmented_anchor(cached_stats, folder, backbone):
     assert result.labels.tolist() == [0, 0, 1, 1, 2, 2] and len(result.classes) == 3
 
 
-def test_anchor_gradient_matches_autograd():
-    torch.manual_seed(1)
-    sums, counts = torch.randn(4, 6, dtype=torch.float64), torch.tensor([2, 3, 1, 5])
-    anchor = torch.randn(4, 6, dtype=torch.float64)
-    mu = (sums / counts[:, None]).requires_grad_(True)
-    spread = (anchor - anchor.mean(0)).pow(2).sum()
-    (3.0 * (mu - anchor).pow(2).sum() / spread).backward()
-    loss, grad = realdata.add_anchor(torch.zeros((), dtype=torch.float64), torch.zeros(4, 6, dtype=torch.float64),
-                                     sums, counts, anchor, 3.0)
-    torch.testing.assert_close(grad, mu.grad)
-    torch.testing.assert_close(loss, 3.0 * (mu.detach() - anchor).pow(2).sum() / spread)
-
-
 def test_bad_method_options():
     for kwargs, match in (({"init": "centroid"}, "init"), ({"objective": "lgm"}, "objective"),
                           ({"anchor_target": "clean"}, "anchor_target"), ({"anchor_weight": -1.0}, "anchor_weight"),
                           ({"anchor_views": 0}, "anchor_views")):
         with pytest.raises(ValueError, match=match):
             DistillConfig(**kwargs)
+
+
+def test_defaults_agree_across_config_function_and_cli():
+    import inspect
+
+    from sfmkern.cli import build_parser
+
+    config = DistillConfig()
+    params = inspect.signature(distill).parameters
+    for name in ("lr", "grow_every", "init", "objective", "anchor_weight", "anchor_target", "anchor_images",
+                 "anchor_views", "subcentres", "scale", "steps", "ipc"):
+        assert params[name].default == getattr(config, name), name
+    args = build_parser().parse_args(["distill", "--stats", "s.safetensors", "--backbone", "b", "--out-dir", "o"])
+    assert args.lr is None and args.grow_every is None and args.init is None and args.objective is None
+    assert (args.anchor_weight, args.anchor_target, args.anchor_images, args.anchor_views) == (
+        config.anchor_weight, config.anchor_target, config.anchor_images, config.anchor_views)
+    assert args.scale_min == config.scale[0] and not args.no_subcentres and not args.paper
+    assert (config.init, config.objective, config.effective_lr, config.effective_grow_every) == ("real", "sfm", 2e-3, 0)
+
+
+def test_cli_paper_flag_and_method_options(monkeypatch, tmp_path):
+    import sfmkern.cli as cli
+    import sfmkern.distill as distill_mod
+    from sfmkern.distill import DistilledSet
+
+    (tmp_path / "s.safetensors").write_bytes(b"x")
+    seen = []
+
+    def fake_distill(stats, backbone, **kwargs):
+        seen.append(kwargs)
+        return DistilledSet(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), torch.tensor([0, 1]), ["a", "b"])
+
+    monkeypatch.setattr(cli, "_load_backbone", lambda args: None)
+    monkeypatch.setattr(cli, "_load_stats_for", lambda path, backbone, crop=None: None)
+    monkeypatch.setattr(distill_mod, "distill", fake_distill)
+    base = ["--quiet", "distill", "--stats", str(tmp_path / "s.safetensors"), "--backbone", "b"]
+    assert cli.main([*base, "--out-dir", str(tmp_path / "a"), "--paper"]) == 0
+    assert {k: seen[-1][k] for k in PAPER_SCHEDULE if k != "steps"} == {
+        k: v for k, v in PAPER_SCHEDULE.items() if k != "steps"}
+    assert cli.main([*base, "--out-dir", str(tmp_path / "b"), "--paper", "--lr", "0.01", "--objective", "anchored",
+                     "--anchor-weight", "2", "--scale-min", "0.5"]) == 0
+    assert (seen[-1]["lr"], seen[-1]["objective"], seen[-1]["grow_every"], seen[-1]["anchor_weight"],
+            seen[-1]["scale"]) == (0.01, "anchored", 200, 2.0, (0.5, 1.0))
+    assert cli.main([*base, "--out-dir", str(tmp_path / "c")]) == 0
+    assert (seen[-1]["lr"], seen[-1]["grow_every"], seen[-1]["init"], seen[-1]["objective"],
+            seen[-1]["subcentres"]) == (None, None, "real", "sfm", True)
