@@ -218,7 +218,8 @@ def main(argv=None) -> int:
                 free.put(copy)
 
         survivors, killed = [], 0
-        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        pool = concurrent.futures.ThreadPoolExecutor(workers)
+        try:
             results = zip(mutants, pool.map(run_one, mutants), strict=True)
             for i, (m, (verdict, elapsed, detail)) in enumerate(results, 1):
                 dead = verdict != "pass"
@@ -228,6 +229,8 @@ def main(argv=None) -> int:
                 state = {"fail": "killed", "timeout": "killed (timeout)", "pass": "SURVIVED"}[verdict]
                 print(f"[{i:2d}/{len(mutants)}] {state:16s} {elapsed:6.1f} s  {m.path}: {m.name}"
                       + (f"\n       by {detail}" if dead and detail else ""), flush=True)
+        finally:  # on Ctrl-C: drop the mutants not started yet (the running test processes get the SIGINT too)
+            pool.shutdown(wait=True, cancel_futures=True)
         rate = 100.0 * killed / max(len(mutants), 1)
         print(f"kill rate: {killed}/{len(mutants)} = {rate:.1f}%")
         for m in survivors:

@@ -16,7 +16,8 @@ if ! "$py" -c "import triton, sys; sys.exit(triton.__version__ != '$version')" 2
 fi
 "$py" -c "import triton, torch, numpy; print('triton_compat: triton', triton.__version__, '| torch', torch.__version__, '| numpy', numpy.__version__)"
 if [ "$#" -eq 0 ]; then
-  set -- -q -x -p no:cacheprovider tests/test_kernels_grid.py tests/test_kernels_strides.py tests/test_kernels_anchor.py
+  set -- -q -x -p no:cacheprovider tests/test_ops.py tests/test_kernels_grid.py tests/test_kernels_strides.py \
+    tests/test_kernels_anchor.py
 fi
 start=$(date +%s)
 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TRITON_INTERPRET=1 HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE \
