@@ -81,7 +81,9 @@ def _class_sums_segmented_kernel(
         shift = tl.load(SH_ptr + cols, mask=col_ok, other=0.0)
     # Step j adds row j of every class in the block (one contiguous row slice per class): rows are summed in order,
     # with no atomics, so the result depends only on the row order.
-    for j in range(0, tl.max(sizes, axis=0)):
+    longest = tl.max(sizes, axis=0)
+    j = 0
+    while j < longest:  # a while loop: Triton 3.6's interpreter cannot take a runtime bound in range()
         pos = starts + j
         row_ok = j < sizes
         if HAS_PERM:
@@ -93,6 +95,7 @@ def _class_sums_segmented_kernel(
         if HAS_SHIFT:
             x = tl.where(ok, x - shift[None, :], 0.0)
         acc += x
+        j += 1
     mask = cls_ok[:, None] & col_ok[None, :]
     tl.store(S_ptr + classes.to(tl.int64)[:, None] * n_cols + cols[None, :], acc, mask=mask)
 

@@ -1,11 +1,13 @@
 """The SFM flow-matching loss and its gradient from class sums, fused; plus the gather that turns it into dL/dz.
 
-Forward = three small launches over [C, D] (never over the N feature rows): (1) per column block, the synthetic class
-means, their column sums, the synthetic flow F~ and the three reductions <F, F~>, ||F||^2, ||F~||^2 in one pass;
-(2) per tile, G = dL/d mu~ in place of F~ plus a partial of the loss; (3) the loss. Partial sums are reduced in a fixed
-order, so the loss and G are deterministic. The backward is one gather, dL/dz_i = g * G[y_i] / n_{y_i}, writing each
-feature gradient once. Accumulation in fp32 (fp64 for fp64 inputs); an empty class makes the loss NaN (the ops layer
-rejects it first when value checks are on).
+Forward = four small launches over [C, D] (never over the N feature rows): (1) per column block, the synthetic class
+means (centred on class 0's mean), the synthetic flow F~ and the reductions <F, F~>, ||F||^2, ||F~||^2 (and, with an
+anchor A, sum ||mu~ - A||^2 and sum ||A - Abar||^2) in one pass, each sum of squares scaled by its block's peak so
+that nothing overflows; (2) one program: the global norms, cosine and anchoring term; (3) per tile, G = dL/d mu~ in
+place of F~ plus a partial of the loss; (4) the loss. Partial sums are reduced in a fixed order, so the loss and G are
+deterministic. The backward is one gather, dL/dz_i = g * G[y_i] / n_{y_i}, writing each feature gradient once, cast
+to the features' dtype only at the store. Accumulation in fp32 (fp64 for fp64 inputs); an empty class makes the loss
+NaN (the ops layer rejects it first when value checks are on).
 """
 
 from __future__ import annotations
@@ -54,8 +56,10 @@ def _flow_stats_kernel(
     peak_mean = tl.zeros((BLOCK_D,), dtype=acc_ty)  # max_k |mu~_k - mu~_0|
     peak_real = tl.zeros((BLOCK_D,), dtype=acc_ty)  # max_k |F_k|
     peak_anchor = tl.zeros((BLOCK_D,), dtype=acc_ty)  # max_k max(|A_k - A_0|, |mu~_k - A_k|)
-    for first in range(0, num_classes, BLOCK_C):
+    first = 0
+    while first < num_classes:  # a while loop: Triton 3.6's interpreter cannot take a runtime bound in range()
         cls = first + tl.arange(0, BLOCK_C)
+        first += BLOCK_C
         cls_ok = cls < num_classes
         mask = cls_ok[:, None] & col_ok[None, :]
         offs = cls.to(tl.int64)[:, None] * n_cols + cols[None, :]
@@ -88,8 +92,10 @@ def _flow_stats_kernel(
     sq_syn = tl.zeros((BLOCK_D,), dtype=acc_ty)
     sq_dev = tl.zeros((BLOCK_D,), dtype=acc_ty)
     sq_spread = tl.zeros((BLOCK_D,), dtype=acc_ty)
-    for first in range(0, num_classes, BLOCK_C):
+    first = 0
+    while first < num_classes:  # a while loop: Triton 3.6's interpreter cannot take a runtime bound in range()
         cls = first + tl.arange(0, BLOCK_C)
+        first += BLOCK_C
         cls_ok = cls < num_classes
         mask = cls_ok[:, None] & col_ok[None, :]
         offs = cls.to(tl.int64)[:, None] * n_cols + cols[None, :]
@@ -137,30 +143,19 @@ def _combine_parts(PART_ptr, num_parts, COL: tl.constexpr, PEAK_COL: tl.constexp
 
 
 @triton.jit
-def _flow_grad_kernel(
-    S_ptr,  # [num_classes, n_cols] class sums (read only when HAS_ANCHOR), contiguous
-    N_ptr,  # [num_classes] int64 class counts (read only when HAS_ANCHOR), contiguous
-    F_ptr,  # [num_classes, n_cols] real flow F, contiguous
-    A_ptr,  # [num_classes, n_cols] anchor A (unused unless HAS_ANCHOR)
-    FT_ptr,  # in: synthetic flow F~ [num_classes, n_cols]; out: G = dL/d mu~ (when WRITE_GRAD)
-    FBAR_ptr,  # [n_cols] column means of F
+def _flow_norms_kernel(
     PART_ptr,  # [num_parts, NUM_STATS] partial reductions from _flow_stats_kernel
-    LP_ptr,  # out [num_programs]: partial sums of ||F/||F|| - F~/||F~|| ||^2
-    num_classes,  # C
-    n_cols,  # D
-    num_parts,  # programs of _flow_stats_kernel
     W_ptr,  # 0-dim lambda in the accumulator dtype (unused unless HAS_ANCHOR)
-    WRITE_GRAD: tl.constexpr,  # compute G (skipped when no input needs a gradient)
-    HAS_ANCHOR: tl.constexpr,  # add the anchoring term's gradient
+    SC_ptr,  # out [NUM_SCALARS]: the global scalars of the loss and G (layout below)
+    num_classes,  # C
+    num_parts,  # programs of _flow_stats_kernel
+    HAS_ANCHOR: tl.constexpr,  # also the anchoring term's scalars
     NUM_STATS: tl.constexpr,  # row length of PART
-    BLOCK_C: tl.constexpr,  # classes per program
-    BLOCK_D: tl.constexpr,  # columns per program
     BLOCK_P: tl.constexpr,  # >= num_parts
 ):
-    pid_c = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    acc_ty = FT_ptr.dtype.element_ty
-    # Global reductions from the partials, each relative to its global peak: a' = ||F|| / MR, b' = ||F~|| / MS.
+    # One program combines the partials into the scalars every tile of G needs (a' = ||F|| / MR, b' = ||F~|| / MS):
+    #   0: 1/MR  1: 1/a'  2: 1/MS  3: 1/b'  4: cos = <F, F~>/(ab)  5: C / ((C-1) b)
+    #   6: 2 lambda / spread'  7: 1/MA  8: lambda * dev' / spread'   (spread', dev': sums of squares / MA^2)
     sq_real, mr = _combine_parts(PART_ptr, num_parts, 1, 3, NUM_STATS, BLOCK_P)
     sq_syn, ms = _combine_parts(PART_ptr, num_parts, 2, 4, NUM_STATS, BLOCK_P)
     parts = tl.arange(0, BLOCK_P)
@@ -171,6 +166,43 @@ def _flow_grad_kernel(
     dot = tl.sum(part_dot * (part_mr / mr) * (part_ms / ms), axis=0)  # <F, F~> / (MR MS)
     norm_real = tl.sqrt(sq_real)
     norm_syn = tl.sqrt(sq_syn)
+    tl.store(SC_ptr + 0, 1.0 / mr)
+    tl.store(SC_ptr + 1, 1.0 / norm_real)
+    tl.store(SC_ptr + 2, 1.0 / ms)
+    tl.store(SC_ptr + 3, 1.0 / norm_syn)
+    tl.store(SC_ptr + 4, dot / (norm_real * norm_syn))
+    tl.store(SC_ptr + 5, num_classes / ((num_classes - 1) * (ms * norm_syn)))
+    if HAS_ANCHOR:
+        spread, ma = _combine_parts(PART_ptr, num_parts, 6, 7, NUM_STATS, BLOCK_P)
+        dev, _ = _combine_parts(PART_ptr, num_parts, 5, 7, NUM_STATS, BLOCK_P)
+        weight = tl.load(W_ptr)
+        tl.store(SC_ptr + 6, 2.0 * weight / spread)
+        tl.store(SC_ptr + 7, 1.0 / ma)
+        tl.store(SC_ptr + 8, weight * (dev / spread))
+
+
+@triton.jit
+def _flow_grad_kernel(
+    S_ptr,  # [num_classes, n_cols] class sums (read only when HAS_ANCHOR), contiguous
+    N_ptr,  # [num_classes] int64 class counts (read only when HAS_ANCHOR), contiguous
+    F_ptr,  # [num_classes, n_cols] real flow F, contiguous
+    A_ptr,  # [num_classes, n_cols] anchor A (unused unless HAS_ANCHOR)
+    FT_ptr,  # in: synthetic flow F~ [num_classes, n_cols]; out: G = dL/d mu~ (when WRITE_GRAD)
+    FBAR_ptr,  # [n_cols] column means of F
+    SC_ptr,  # [NUM_SCALARS] global scalars from _flow_norms_kernel
+    LP_ptr,  # out [num_programs]: partial sums of ||F/||F|| - F~/||F~|| ||^2
+    num_classes,  # C
+    n_cols,  # D
+    WRITE_GRAD: tl.constexpr,  # compute G (skipped when no input needs a gradient)
+    HAS_ANCHOR: tl.constexpr,  # add the anchoring term's gradient
+    BLOCK_C: tl.constexpr,  # classes per program
+    BLOCK_D: tl.constexpr,  # columns per program
+):
+    pid_c = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    acc_ty = FT_ptr.dtype.element_ty
+    inv_mr = tl.load(SC_ptr + 0)
+    inv_a = tl.load(SC_ptr + 1)
     cls = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < n_cols
@@ -180,8 +212,8 @@ def _flow_grad_kernel(
     real = tl.load(F_ptr + offs, mask=mask, other=0.0).to(acc_ty)
     syn = tl.load(FT_ptr + offs, mask=mask, other=0.0)
     # Unit vectors u = F/||F||, v = F~/||F~||, each formed from values scaled by their peak.
-    unit_real = (real / mr) / norm_real
-    unit_syn = (syn / ms) / norm_syn
+    unit_real = (real * inv_mr) * inv_a
+    unit_syn = (syn * tl.load(SC_ptr + 2)) * tl.load(SC_ptr + 3)
     # L = 1 - <F, F~>/(ab) = ||u - v||^2 / 2 (a = ||F||, b = ||F~||): the difference of unit vectors keeps the
     # loss's relative accuracy as L -> 0, where 1 - cos would cancel; an error in a or b only scales L by (1 + eps).
     diff = tl.where(mask, unit_real - unit_syn, 0.0)
@@ -193,43 +225,37 @@ def _flow_grad_kernel(
         # colmean(H) = -colmean(u)/b, and
         #     G = C / ((C-1) b) * (u - colmean(u) - cos v).
         # colmean(F) is zero for a flow from real_flow() (also centred); subtracting it keeps G exact for any F.
-        fbar = tl.load(FBAR_ptr + cols, mask=col_ok, other=0.0)
-        cos = dot / (norm_real * norm_syn)
-        scale = num_classes / ((num_classes - 1) * (ms * norm_syn))
-        grad = scale * ((unit_real - ((fbar / mr) / norm_real)[None, :]) - cos * unit_syn)
+        unit_mean = (tl.load(FBAR_ptr + cols, mask=col_ok, other=0.0) * inv_mr) * inv_a
+        grad = tl.load(SC_ptr + 5) * ((unit_real - unit_mean[None, :]) - tl.load(SC_ptr + 4) * unit_syn)
         if HAS_ANCHOR:
             # d/dmu~ of lambda sum ||mu~ - A||^2 / sum ||A - Abar||^2 = 2 lambda (mu~ - A) / spread, with both
-            # scaled by MA: 2 lambda ((mu~ - A) / MA) / (spread / MA^2) / MA.
-            spread, ma = _combine_parts(PART_ptr, num_parts, 6, 7, NUM_STATS, BLOCK_P)
+            # sums scaled by 1/MA^2: (2 lambda / spread') ((mu~ - A) / MA) / MA.
+            inv_ma = tl.load(SC_ptr + 7)
             n = tl.load(N_ptr + cls, mask=cls_ok, other=1).to(acc_ty)
             mean = tl.load(S_ptr + offs, mask=mask, other=0.0).to(acc_ty) / n[:, None]
             a = tl.load(A_ptr + offs, mask=mask, other=0.0).to(acc_ty)
-            grad += (2.0 * tl.load(W_ptr)) * ((mean - a) / ma) / spread / ma
+            grad += tl.load(SC_ptr + 6) * (((mean - a) * inv_ma) * inv_ma)
         tl.store(FT_ptr + offs, grad, mask=mask)
 
 
 @triton.jit
 def _loss_finalize_kernel(
     LP_ptr,  # [num_loss_parts] partial sums of ||u - v||^2
-    PART_ptr,  # [num_parts, NUM_STATS] partial reductions of _flow_stats_kernel (anchoring term)
+    SC_ptr,  # [NUM_SCALARS] global scalars (the anchoring term's loss)
     L_ptr,  # out: 0-dim loss
     num_loss_parts,  # programs of _flow_grad_kernel
-    num_parts,  # programs of _flow_stats_kernel
-    W_ptr,  # 0-dim lambda in the accumulator dtype (unused unless HAS_ANCHOR)
     HAS_ANCHOR: tl.constexpr,  # add lambda * sum ||mu~ - A||^2 / sum ||A - Abar||^2
-    NUM_STATS: tl.constexpr,  # row length of PART
     BLOCK_L: tl.constexpr,  # loss parts per loop step
-    BLOCK_P: tl.constexpr,  # >= num_parts
 ):
     acc = tl.zeros((BLOCK_L,), dtype=L_ptr.dtype.element_ty)
-    for first in range(0, num_loss_parts, BLOCK_L):
+    first = 0
+    while first < num_loss_parts:  # see _flow_stats_kernel on while loops
         parts = first + tl.arange(0, BLOCK_L)
+        first += BLOCK_L
         acc += tl.load(LP_ptr + parts, mask=parts < num_loss_parts, other=0.0)
     loss = 0.5 * tl.sum(acc, axis=0)
     if HAS_ANCHOR:
-        dev, _ = _combine_parts(PART_ptr, num_parts, 5, 7, NUM_STATS, BLOCK_P)
-        spread, _ = _combine_parts(PART_ptr, num_parts, 6, 7, NUM_STATS, BLOCK_P)
-        loss += tl.load(W_ptr) * (dev / spread)
+        loss += tl.load(SC_ptr + 8)
     tl.store(L_ptr, loss)
 
 
@@ -246,6 +272,7 @@ def _feature_grad_kernel(
     stride_y,  # elements between labels (0 for expanded labels)
     HAS_COUNTS: tl.constexpr,  # divide by n_{y_i}
     HAS_SCALE: tl.constexpr,  # multiply by *SCALE_ptr
+    OUT_BF16: tl.constexpr,  # OUT is bf16 (rounded by hand, see below)
     BLOCK_N: tl.constexpr,  # rows per program
     BLOCK_D: tl.constexpr,  # columns per program
 ):
@@ -264,10 +291,22 @@ def _feature_grad_kernel(
     if HAS_SCALE:
         grad = grad * tl.load(SCALE_ptr).to(grad.dtype)
     out_mask = row_ok[:, None] & col_ok[None, :]
-    tl.store(OUT_ptr + rows[:, None] * n_cols + cols[None, :], grad.to(OUT_ptr.dtype.element_ty), mask=out_mask)
+    # The only cast of the gradient to the features' dtype, rounding to nearest even (what a GPU's cvt.rn does).
+    if OUT_BF16:
+        # fp32 -> bf16 by hand: the interpreter's cast truncates, and its "rtne" mode drops the carry (both measured
+        # at twice torch's error), so this is the one code path that rounds alike on a GPU and in the interpreter.
+        # Keep the top 16 bits after adding 0x7FFF + (lowest kept bit): ties go to even; NaN stays NaN.
+        bits = grad.to(tl.float32).to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        rounded = tl.where(grad != grad, bits >> 16, rounded)
+        out = rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        out = grad.to(OUT_ptr.dtype.element_ty)
+    tl.store(OUT_ptr + rows[:, None] * n_cols + cols[None, :], out, mask=out_mask)
 
 
 NUM_STATS = 8  # row length of the partial-reduction buffer (layout in _flow_stats_kernel)
+NUM_SCALARS = 9  # the global scalars (layout in _flow_norms_kernel)
 
 
 def flow_loss_and_grad_triton(sums: torch.Tensor, counts: torch.Tensor, real_flow: torch.Tensor, *,
@@ -310,24 +349,27 @@ def flow_loss_and_grad_triton(sums: torch.Tensor, counts: torch.Tensor, real_flo
         PART_ptr=parts, num_classes=num_classes, n_cols=n_cols, HAS_ANCHOR=has_anchor, NUM_STATS=NUM_STATS,
         BLOCK_C=stats_c, BLOCK_D=stats_d, num_warps=num_warps(stats_c * stats_d),
     )
-    # (2) Tiles over [C, D]: G and the loss partials.
+    # (2) One program: the global scalars (norms, cosine, anchoring term) from the partials.
+    weight = torch.full((), float(anchor_weight) if has_anchor else 0.0, dtype=acc, device=device)  # no host copy
+    scalars = torch.zeros(NUM_SCALARS, dtype=acc, device=device)
+    _flow_norms_kernel[(1,)](
+        PART_ptr=parts, W_ptr=weight, SC_ptr=scalars, num_classes=num_classes, num_parts=num_parts,
+        HAS_ANCHOR=has_anchor, NUM_STATS=NUM_STATS, BLOCK_P=pow2_block(num_parts, 1 << 30), num_warps=4,
+    )
+    # (3) Tiles over [C, D]: G and the loss partials.
     block_c, block_d = tile(sums, num_classes, n_cols, max_cols=256 if on_gpu else 1024)
     grid = (triton.cdiv(num_classes, block_c), triton.cdiv(n_cols, block_d))
     loss_parts = torch.empty(grid[0] * grid[1], dtype=acc, device=device)
-    block_p = pow2_block(num_parts, 1 << 30)
-    weight = torch.full((), float(anchor_weight) if has_anchor else 0.0, dtype=acc, device=device)  # no host copy
     _flow_grad_kernel[grid](
         S_ptr=sums, N_ptr=counts, F_ptr=real_flow, A_ptr=anchor, FT_ptr=syn_flow, FBAR_ptr=flow_mean,
-        PART_ptr=parts, LP_ptr=loss_parts, num_classes=num_classes, n_cols=n_cols, num_parts=num_parts,
-        W_ptr=weight, WRITE_GRAD=compute_grad, HAS_ANCHOR=has_anchor, NUM_STATS=NUM_STATS,
-        BLOCK_C=block_c, BLOCK_D=block_d, BLOCK_P=block_p, num_warps=num_warps(block_c * block_d),
+        SC_ptr=scalars, LP_ptr=loss_parts, num_classes=num_classes, n_cols=n_cols, WRITE_GRAD=compute_grad,
+        HAS_ANCHOR=has_anchor, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=num_warps(block_c * block_d),
     )
-    # (3) The loss.
+    # (4) The loss.
     loss = torch.empty((), dtype=acc, device=device)
     _loss_finalize_kernel[(1,)](
-        LP_ptr=loss_parts, PART_ptr=parts, L_ptr=loss, num_loss_parts=loss_parts.numel(), num_parts=num_parts,
-        W_ptr=weight, HAS_ANCHOR=has_anchor, NUM_STATS=NUM_STATS,
-        BLOCK_L=pow2_block(loss_parts.numel(), 1024), BLOCK_P=block_p, num_warps=4,
+        LP_ptr=loss_parts, SC_ptr=scalars, L_ptr=loss, num_loss_parts=loss_parts.numel(), HAS_ANCHOR=has_anchor,
+        BLOCK_L=pow2_block(loss_parts.numel(), 32), num_warps=4,  # a loop over the parts (one program)
     )
     return loss, syn_flow
 
@@ -357,6 +399,7 @@ def feature_grad_triton(grad: torch.Tensor, counts: torch.Tensor | None, labels:
         G_ptr=grad, N_ptr=counts if counts is not None else labels, Y_ptr=labels,
         SCALE_ptr=scale if scale is not None else grad, OUT_ptr=out, n_rows=n_rows, n_cols=n_cols,
         num_classes=num_classes, stride_y=labels.stride(0), HAS_COUNTS=counts is not None,
-        HAS_SCALE=scale is not None, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps(block_n * block_d),
+        HAS_SCALE=scale is not None, OUT_BF16=dtype == torch.bfloat16, BLOCK_N=block_n, BLOCK_D=block_d,
+        num_warps=num_warps(block_n * block_d),
     )
     return out

@@ -9,6 +9,9 @@ The maths (Statistical Flow Matching, Xia et al. arXiv 2602.05391), for features
     nu_c = (sum_k mu_k - mu_c) / (C - 1),   F_c = nu_c - mu_c          (real flow, from the real class centres)
     nu~_c = (sum_k mu~_k - mu~_c) / (C - 1), F~_c = nu~_c - mu~_c      (synthetic flow)
     L = 1 - <vec F, vec F~> / (||F|| ||F~||)                            (ONE cosine over the flattened C x D matrices)
+    [+ lambda * sum_c ||mu~_c - A_c||^2 / sum_c ||A_c - Abar||^2]      (optional anchoring to target means A)
+Numerics shared with the kernels: flows are formed from means centred on one class's mean and the sums from features
+minus one feature row (both shift-invariant), and every norm is taken of values scaled by their peak first.
 The public SFM code divides the synthetic non-target sum by C * ipc - 1 instead of C - 1; the two agree at one image
 per class. We use the self-consistent C - 1 form for both flows. Several augmented views of one image are just more
 rows with the same label (the class mean over all views is the mean of the per-image view averages).
@@ -83,11 +86,12 @@ def _flow(means: torch.Tensor) -> torch.Tensor:
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
     """x / ||x||, scaled by max|x| (a detached constant) before the norm so that it neither overflows nor underflows
-    (features near 1e30 would overflow a float32 sum of squares)."""
+    (features near 1e30 would overflow a float32 sum of squares). The norm is sqrt(sum(x * x)): torch's float32
+    vector_norm on CPU was measured 7e-6 off at C x D = 1000 x 768, the summed squares 4e-8."""
     peak = x.detach().abs().amax()
     peak = torch.where(peak > 0, peak, torch.ones_like(peak))
     scaled = x / peak
-    return scaled / torch.linalg.vector_norm(scaled)
+    return scaled / scaled.square().sum().sqrt()
 
 
 def anchor_term(mean_syn: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
