@@ -587,7 +587,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-memory", metavar="BYTES", help="device memory budget, e.g. 80GiB (default: free CUDA "
                    "memory; none on CPU)")
     p.add_argument("--chunk-size", type=int, help="views per chunk (default: from the budget)")
-    p.add_argument("--mode", choices=("auto", "single", "two_phase", "lagged"), default="auto")
+    p.add_argument("--mode", choices=("auto", "single", "two_phase", "lagged"), default="auto",
+                   help="step mode to plan for (auto: as distill would pick; default auto)")
     p.add_argument("--tflops", type=float, help="sustained TFLOP/s for the time per step")
     p.add_argument("--measure-steps", type=int, default=0,
                    help="time this many probe steps on --device instead (default 0: not measured)")
