@@ -78,3 +78,21 @@ def balanced_subset(source, per_class: int, seed: int):
 def photo_folder(tmp_path_factory) -> Path:
     """A small real ImageFolder: 3 classes of scikit-image photos, JPEG and PNG mixed."""
     return write_photo_folder(tmp_path_factory.mktemp("photos"))
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: two cores shared with other jobs, where OpenMP spin-waiting with 2 threads ran
+    a forward+backward ~100x slower than 1 thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_backbone(name: str = "test_vit"):
+    """A small timm ViT with random weights (seeded) at 32 px on the CPU."""
+    from sfmkern.backbone import load_backbone
+
+    torch.manual_seed(0)
+    return load_backbone(name, pretrained=False, img_size=32, device="cpu")

@@ -17,31 +17,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_backbone
 
 from sfmkern.distill import DistillConfig, DistilledSet, Distiller, distill, parse_bytes
 
 SMALL = {"syn_res": 32, "crop": 32}
 
 
-def _make_backbone():
-    from sfmkern.backbone import load_backbone
-
-    torch.manual_seed(0)
-    return load_backbone("test_vit", pretrained=False, img_size=32, device="cpu")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # two cores shared with other jobs: OpenMP spin-waiting with 2 threads is ~100x slower than 1 thread here
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def backbone():
-    return _make_backbone()
+    return tiny_backbone()
 
 
 @pytest.fixture(scope="module")
@@ -404,7 +392,7 @@ def test_bad_inputs(stats, backbone, tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"not a file")
     with pytest.raises(ValueError, match="junk"):
         DistilledSet.load(tmp_path / "junk.safetensors")
-    other = _make_backbone()
+    other = tiny_backbone()
     torch.nn.init.normal_(next(other.model.parameters()))
     other.__dict__.pop("fingerprint", None)
     with pytest.raises(ValueError, match="another backbone"):

@@ -10,6 +10,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_backbone
 
 from sfmkern import realdata
 from sfmkern.distill import PAPER_SCHEDULE, DistillConfig, Distiller, distill, paper_schedule
@@ -18,20 +19,12 @@ from sfmkern.synthetic import SyntheticImages, decode, encode, level_sizes
 SMALL = {"syn_res": 32, "crop": 32}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def backbone():
-    from sfmkern.backbone import load_backbone
-
-    torch.manual_seed(0)
-    return load_backbone("test_vit", pretrained=False, img_size=32, device="cpu")
+    return tiny_backbone()
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_backbone
 
 import sfmkern
 from sfmkern.distill import DistillConfig, Distiller
@@ -19,20 +20,12 @@ ROOT = Path(__file__).resolve().parent.parent
 MODEL = "vit_tiny_patch16_224"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def backbone():
-    from sfmkern.backbone import load_backbone
-
-    torch.manual_seed(0)
-    return load_backbone(MODEL, pretrained=False, img_size=32, device="cpu")
+    return tiny_backbone(MODEL)
 
 
 def test_plan_agrees_with_the_distiller(backbone):

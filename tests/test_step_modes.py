@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_backbone
 
 from sfmkern import ops
 from sfmkern.distill import DistillConfig, Distiller, chunk_for_budget, own_bytes_max
@@ -13,20 +14,12 @@ from sfmkern.distill import DistillConfig, Distiller, chunk_for_budget, own_byte
 SMALL = {"syn_res": 32, "crop": 32}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def backbone():
-    from sfmkern.backbone import load_backbone
-
-    torch.manual_seed(0)
-    return load_backbone("test_vit", pretrained=False, img_size=32, device="cpu")
+    return tiny_backbone()
 
 
 @pytest.fixture(scope="module")
