@@ -103,6 +103,13 @@ def append_results(text: str) -> Path:
     return RESULTS
 
 
+def publish(text: str, *, append: bool = True) -> None:
+    """Print a finished section and, unless told not to, append it to benchmarks/RESULTS.md."""
+    print("\n" + text)
+    if append:
+        print(f"appended to {append_results(text)}")
+
+
 def stamp(title: str) -> str:
     return f"## {title} ({datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, git {git_sha()})"
 

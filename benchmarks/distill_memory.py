@@ -152,9 +152,7 @@ def main() -> int:
         verdicts.append(verdict)
     lines += [""] + [f"- {v}" for v in verdicts] + [""]
     text = "\n".join(lines)
-    print("\n" + text)
-    if not args.no_append:
-        print(f"appended to {common.append_results(text)}")
+    common.publish(text, append=not args.no_append)
     return 0 if ok else 1
 
 

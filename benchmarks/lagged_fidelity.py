@@ -95,9 +95,7 @@ def main() -> int:
               f"{len(rows)} seed(s); the exact step's spread over seeds: {spread:.1f} points; distillation seconds "
               "(exact, lagged): " + ", ".join(f"{r['two_phase'][2]:.0f}, {r['lagged'][2]:.0f}" for r in rows), ""]
     text = "\n".join(lines)
-    print("\n" + text)
-    if not args.no_append:
-        print(f"appended to {common.append_results(text)}")
+    common.publish(text, append=not args.no_append)
     return 0
 
 

@@ -260,9 +260,7 @@ def main() -> int:
                 lines.append(f"| {c} | {ipc} | {common.LABELS[m]} | 1 | {c * ipc} | {cell(r)} | {cell(r)} | {ratio} |")
     lines.append(f"\nLoad average after: {common.load_average()}.")
     text = "\n".join(lines) + "\n"
-    print("\n" + text)
-    if not args.no_append:
-        print(f"appended to {common.append_results(text)}")
+    common.publish(text, append=not args.no_append)
     return 0
 
 

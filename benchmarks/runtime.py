@@ -361,9 +361,7 @@ def main() -> int:
     else:
         lines.append("- MFU: not measured (no GPU)")
     text = "\n".join(lines + [""] + recipe_lines) + "\n"
-    print("\n" + text)
-    if not args.no_append:
-        print(f"appended to {common.append_results(text)}")
+    common.publish(text, append=not args.no_append)
     return 0
 
 

@@ -90,9 +90,21 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="module")
+def backbone():
+    """The tiny backbone (test modules with other needs define their own `backbone`)."""
+    return tiny_backbone()
+
+
 def tiny_backbone(name: str = "test_vit"):
     """A small timm ViT with random weights (seeded) at 32 px on the CPU."""
     from sfmkern.backbone import load_backbone
 
     torch.manual_seed(0)
     return load_backbone(name, pretrained=False, img_size=32, device="cpu")
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor, floor: float = 0.0) -> float:
+    """Normwise relative error ||x - ref|| / max(||ref||, floor), in float64."""
+    diff = torch.linalg.vector_norm(x.detach().double() - ref.detach().double()).item()
+    return diff / max(torch.linalg.vector_norm(ref.detach().double()).item(), floor)

@@ -28,11 +28,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def backbone():
-    return tiny_backbone()
-
-
-@pytest.fixture(scope="module")
 def stats_file(photo_folder, backbone, tmp_path_factory):
     from sfmkern.data import ImageFolder
     from sfmkern.stats import collect_stats

@@ -26,6 +26,7 @@ import math
 
 import pytest
 import torch
+from conftest import rel_err
 
 from sfmkern import ops, reference
 
@@ -54,11 +55,6 @@ def make_labels(c: int, n: int, sizes: str, order: str, gen: torch.Generator) ->
     if order == "sorted":
         return labels.sort().values
     return labels[torch.randperm(n, generator=gen)]
-
-
-def rel_err(x: torch.Tensor, ref: torch.Tensor, floor: float = 0.0) -> float:
-    diff = torch.linalg.vector_norm(x.detach().double() - ref.detach().double()).item()
-    return diff / max(torch.linalg.vector_norm(ref.detach().double()).item(), floor)
 
 
 def upcast_baseline(features, labels, flow, c, grad_scale):

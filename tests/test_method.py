@@ -10,7 +10,6 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_backbone
 
 from sfmkern import realdata
 from sfmkern.distill import PAPER_SCHEDULE, DistillConfig, Distiller, distill, paper_schedule
@@ -20,11 +19,6 @@ SMALL = {"syn_res": 32, "crop": 32}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def backbone():
-    return tiny_backbone()
 
 
 @pytest.fixture(scope="module")

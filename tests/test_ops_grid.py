@@ -21,6 +21,7 @@ import math
 
 import pytest
 import torch
+from conftest import rel_err
 
 from sfmkern import ops, reference
 
@@ -36,11 +37,6 @@ def make_labels(n: int, c: int, order: str, gen: torch.Generator) -> torch.Tenso
     if order == "sorted":
         return labels.sort().values
     return labels[torch.randperm(n, generator=gen)]
-
-
-def rel_err(x: torch.Tensor, ref: torch.Tensor, floor: float = 0.0) -> float:
-    diff = torch.linalg.vector_norm(x.detach().double() - ref.detach().double()).item()
-    return diff / max(torch.linalg.vector_norm(ref.detach().double()).item(), floor)
 
 
 def grad_floors(sums64: torch.Tensor, counts: torch.Tensor, labels: torch.Tensor) -> float:

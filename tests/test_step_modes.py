@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_backbone
 
 from sfmkern import ops
 from sfmkern.distill import DistillConfig, Distiller, chunk_for_budget, own_bytes_max
@@ -15,11 +14,6 @@ SMALL = {"syn_res": 32, "crop": 32}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def backbone():
-    return tiny_backbone()
 
 
 @pytest.fixture(scope="module")
