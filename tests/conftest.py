@@ -108,3 +108,19 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor, floor: float = 0.0) -> float:
     """Normwise relative error ||x - ref|| / max(||ref||, floor), in float64."""
     diff = torch.linalg.vector_norm(x.detach().double() - ref.detach().double()).item()
     return diff / max(torch.linalg.vector_norm(ref.detach().double()).item(), floor)
+
+
+def fmnist_pair(train_per_class: int, test_per_class: int, seeds: tuple[int, int] = (0, 1)):
+    """Seeded balanced subsets of Fashion-MNIST's train and test splits (Debian's dataset-fashion-mnist)."""
+    from sfmkern.data import fashion_mnist
+
+    return (balanced_subset(fashion_mnist("train"), train_per_class, seeds[0]),
+            balanced_subset(fashion_mnist("test"), test_per_class, seeds[1]))
+
+
+def seeded_backbone(name: str, seed: int):
+    """A timm test model with random weights drawn from `seed`, on the CPU."""
+    from sfmkern.backbone import load_backbone
+
+    torch.manual_seed(seed)
+    return load_backbone(name, pretrained=False, device="cpu")

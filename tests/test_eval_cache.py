@@ -8,10 +8,9 @@ import json
 
 import pytest
 import torch
-from conftest import balanced_subset
+from conftest import balanced_subset, fmnist_pair, seeded_backbone
 
 from sfmkern import evaluate as ev
-from sfmkern.backbone import load_backbone
 from sfmkern.baselines import select_random
 from sfmkern.evaluate import (
     CPU_VIEW_BANK,
@@ -28,21 +27,17 @@ BASE = dict(epochs=2, runs=1, seed=0, view_bank=2, **RES)
 
 @pytest.fixture(scope="module")
 def fmnist():
-    from sfmkern.data import fashion_mnist
-
-    return balanced_subset(fashion_mnist("train"), 20, 0), balanced_subset(fashion_mnist("test"), 10, 1)
+    return fmnist_pair(20, 10)
 
 
 @pytest.fixture(scope="module")
 def backbone():
-    torch.manual_seed(1)
-    return load_backbone("test_convnext", pretrained=False, device="cpu")
+    return seeded_backbone("test_convnext", 1)
 
 
 @pytest.fixture(scope="module")
 def other_backbone():
-    torch.manual_seed(2)
-    return load_backbone("test_convnext", pretrained=False, device="cpu")  # same architecture, other weights
+    return seeded_backbone("test_convnext", 2)  # same architecture, other weights
 
 
 @pytest.fixture(scope="module")
