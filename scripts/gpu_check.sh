@@ -200,10 +200,10 @@ for part in $PARTS; do
           "cd benchmarks && '$PY' kernels.py --quick --no-compile --no-append --threads 1 --min-time 0.1" ;;
       runtime)
         run_part runtime $CPU_CAP "$PY" benchmarks/runtime.py --model test_vit --crop 32 --syn-res 32 --chunk 2 \
-          --grid 4x1x2 --repeats 1 --device cpu --no-append ;;
+          --grid 4x1x2 --repeats 1 --recipes --device cpu --no-append ;;
       memory)
         run_part memory $CPU_CAP "$PY" benchmarks/memory.py --model test_vit --crop 32 --syn-res 32 --chunk 2 \
-          --grid 4x1x2 --methods sfm_single sfm_two_phase --steps 1 --device cpu --no-append ;;
+          --grid 4x1x2 --methods sfm_single sfm_two_phase --steps 1 --recipes --device cpu --no-append ;;
       stats)
         if [ "$DECODER" = 1 ]; then
           run_part stats $CPU_CAP "$PY" benchmarks/stats.py --model test_vit --num 24 --classes 3 --batch-size 8 \
