@@ -6,7 +6,7 @@
 #     bash scripts/gpu_check.sh --cpu          # the CPU-safe parts only (what runs anyway without a GPU), < 90 s
 #
 # Options: --cpu (CPU-safe parts even with a GPU), --no-append (GPU run without touching benchmarks/RESULTS.md),
-# --parts "tests kernels runtime memory stats" (a subset, in that order), -h. Environment: PYTHON (default python3),
+# --parts "tests kernels runtime memory stats profile" (a subset, in that order), -h. Environment: PYTHON (default python3),
 # GPU_CHECK_BUDGET (seconds for all parts: 480 on a GPU, 3000 in CPU mode), GPU_CHECK_LOG_DIR (per-part logs, the
 # appended RESULTS.md text and summary.md; default a fresh /tmp dir), GPU_CHECK_GIT_SHA (used when .git is not
 # there), GPU_CHECK_MODEL (default vit_base_patch14_dinov2), GPU_CHECK_RUNTIME_GRID / GPU_CHECK_MEMORY_GRID (CxIPCxA
@@ -27,23 +27,22 @@
 #   runtime  benchmarks/runtime.py: ViT-B/14 at 224 px (random weights), 4 methods, MFU at C=1000
 #   memory   benchmarks/memory.py: the same model, peak memory per step, OOM reported as such
 #   stats    benchmarks/stats.py: the statistics pass end to end vs forward-only on 1024 JPEGs
+#   profile  benchmarks/profile_step.py: the kernels one sfmkern step at C=1000 spends its time in, and the fused
+#            loss's host overhead (cProfile), printed only (a diagnosis, not a figure)
 # A part fails on a failed test, a non-zero exit or its timeout; the script then exits 1. Performance goals missed
 # (PASS/FAIL lines in RESULTS.md) are findings, not failures.
 #
-# GPU time estimate (H200: ~4.3 TB/s copy, ~790 TFLOP/s bf16 dense measured here; ViT-B/14 at 224 px = 257 tokens,
-# F ≈ 46 GFLOP per view forward; steps cost ≈ LGM 4F, public SFM 3F, sfmkern single 2F, two-phase+ckpt 3.7F per view;
-# assumed ≈ 350 TFLOP/s achieved under bf16 autocast; ~8 s per fresh Python+CUDA+model process):
-#   setup      ~15 s (a decoder build, if it happens, ~60 s more)                                          cap 120 s
-#   tests      ~90 s: pytest start ~10 s; ~30 Triton compilations ~1.5 s each; 72+6 grid cases of at most 16M elements
-#              (ms each) and float64 references; 4 tiny-ViT steps; the kernel grid files, compile-bound        cap 150 s
-#   kernels    ~100 s: copy 2 GiB/4.3 TB/s = 0.5 ms; class_sums reads 3.9 GB ≈ 1 ms; do_bench ≈ 0.15 s per row ×
-#              ~40 rows = 6 s; 5 torch.compile graphs (fwd+bwd) ~15 s each                                   cap 150 s
-#   runtime    ~70 s: per round 100x1x3 (300 views × 12.7F) + 100x10x1 and 1000x1x1 (1000 × 12.7F each) +
-#              1000x10x1 (10000 × 3.7F two-phase; the others OOM after ~700 views) ≈ 68k F ≈ 3.2 PFLOP ≈ 9 s;
-#              3 rounds (warm-up, timed, FLOP count) + 8192³ matmul peak + model load                        cap 150 s
-#   memory     ~110 s: 12 (method, config) processes × ~8 s + ≈ 5k F of steps (~1.5 s)                     cap 150 s
-#   stats      ~40 s: 1024 JPEGs written (~5 s), decoded on 16 cores, 2 repeats of 1024 × F = 48 TFLOP   cap 90 s
-#   total      ~7 min expected; GPU_CHECK_BUDGET=480 s stops the parts there (each left out counts as a failure).
+# GPU time on an H200 (torch 2.11, Triton 3.6), measured 2026-11-30 on the first run (git 27192a8) unless marked est.:
+#   setup      15 s with a decoder build (cmake, pkg-config, libturbojpeg/libspng present)                 cap 120 s
+#   tests      36 s: 83 GPU tests, compile-bound                                                             cap 150 s
+#   kernels    42 s: copy bandwidth, class_sums, sfm_loss (torch eager, torch.compile, sfmkern)              cap 150 s
+#   runtime    ~100 s: 5 methods at 100x1x3 measured 0.4-0.5 s/step, at 1000x1x1 3.1-3.4 s/step (LGM OOM); 3
+#              rounds (warm-up, timed, FLOP count) + model load + 8192³ matmul peak. 1000x10x1 (10,000 views,
+#              ~35 s per two-phase step) does not fit: name it in GPU_CHECK_RUNTIME_GRID to run it    cap 150 s
+#   memory     ~170 s (est.): one process per (method, config), ~15 s each measured at C=100             cap 180 s
+#   stats      16 s: 1024 JPEGs, 2 repeats                                                                   cap 90 s
+#   profile    ~60 s (est.): one step at C=1000 under torch.profiler, the fused loss under cProfile        cap 120 s
+#   total      ~8 min; GPU_CHECK_BUDGET=480 s stops the parts there (each left out counts as a failure).
 # CPU mode (no CUDA device): setup, the GPU tests collected and skipped, kernels.py / runtime.py / memory.py / stats.py
 # on tiny CPU cases with --no-append/--no-write: 57 s of CPU time (user + sys) measured, i.e. about a minute on 2 idle
 # cores (236 s wall at load average 11 on 2 shared cores); caps of 600 s per part there only catch hangs.
@@ -53,7 +52,7 @@ ROOT=$PWD
 PY=${PYTHON:-python3}
 MODE=auto
 APPEND=1
-PARTS="tests kernels runtime memory stats"
+PARTS="tests kernels runtime memory stats profile"
 while [ $# -gt 0 ]; do
   case "$1" in
     --cpu) MODE=cpu ;;
@@ -65,7 +64,7 @@ while [ $# -gt 0 ]; do
   shift
 done
 for p in $PARTS; do
-  case "$p" in tests|kernels|runtime|memory|stats) ;; *) echo "gpu_check: unknown part '$p'" >&2; exit 2 ;; esac
+  case "$p" in tests|kernels|runtime|memory|stats|profile) ;; *) echo "gpu_check: unknown part '$p'" >&2; exit 2 ;; esac
 done
 
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 OMP_WAIT_POLICY=PASSIVE
@@ -157,9 +156,14 @@ fi
 # ------------------------------------------------------------------------------------------------ parts
 MODEL=${GPU_CHECK_MODEL:-vit_base_patch14_dinov2}
 CHUNK=${GPU_CHECK_CHUNK:-128}
-RUNTIME_GRID=${GPU_CHECK_RUNTIME_GRID:-100x1x3 100x10x1 1000x1x1 1000x10x1}
-MEMORY_GRID=${GPU_CHECK_MEMORY_GRID:-100x1x3 100x1x1 1000x1x1}
+RUNTIME_GRID=${GPU_CHECK_RUNTIME_GRID:-100x1x3 1000x1x1}
+MEMORY_GRID=${GPU_CHECK_MEMORY_GRID:-100x1x3 1000x1x1}
 NOAPP=(); [ "$APPEND" = 0 ] && NOAPP=(--no-append)
+# the test files with GPU tests; without the decoder, those that import sfmkern.data would fail to collect
+GPU_TESTS=$(grep -l "pytest.mark.gpu" tests/test_*.py | tr '\n' ' ')
+if [ "$DECODER" = 0 ]; then
+  GPU_TESTS=$(for f in $GPU_TESTS; do grep -q "sfmkern.data\|from sfmkern import .*data" "$f" || printf '%s ' "$f"; done)
+fi
 KERNEL_TESTS=${GPU_CHECK_KERNEL_TESTS:-}
 
 for part in $PARTS; do
@@ -169,7 +173,7 @@ for part in $PARTS; do
         PART_NOTE="pytest -m gpu${KERNEL_TESTS:+ + $KERNEL_TESTS}, compiled"
         KT=":"; [ -n "$KERNEL_TESTS" ] && KT="'$PY' -m pytest -q -rfEs -p no:cacheprovider $KERNEL_TESTS"
         run_part tests 150 env TRITON_INTERPRET=0 bash -c \
-          "'$PY' -m pytest -q -s -rfEs -p no:cacheprovider -m gpu tests && $KT" ;;
+          "'$PY' -m pytest -q -s -rfEs -p no:cacheprovider -m gpu $GPU_TESTS && $KT" ;;
       kernels)
         run_part kernels 150 env -u TRITON_INTERPRET bash -c "cd benchmarks && '$PY' kernels.py --quick ${NOAPP[*]}" ;;
       runtime)
@@ -178,8 +182,11 @@ for part in $PARTS; do
           --syn-res 256 --chunk "$CHUNK" --grid $RUNTIME_GRID --repeats 1 --device cuda "${NOAPP[@]}" ;;
       memory)
         # shellcheck disable=SC2086
-        run_part memory 150 env -u TRITON_INTERPRET "$PY" benchmarks/memory.py --model "$MODEL" --crop 224 \
+        run_part memory 180 env -u TRITON_INTERPRET "$PY" benchmarks/memory.py --model "$MODEL" --crop 224 \
           --syn-res 256 --chunk "$CHUNK" --grid $MEMORY_GRID --steps 1 --device cuda "${NOAPP[@]}" ;;
+      profile)
+        run_part profile 120 env -u TRITON_INTERPRET bash -c "cd benchmarks && '$PY' profile_step.py --model '$MODEL' \
+          --crop 224 --syn-res 256 --chunk '$CHUNK' --grid 1000x1x1 --methods sfm_single --loss 1000 --device cuda" ;;
       stats)
         if [ "$DECODER" = 1 ]; then
           NOWRITE=(); [ "$APPEND" = 0 ] && NOWRITE=(--no-write)
@@ -193,8 +200,8 @@ for part in $PARTS; do
     case $part in
       tests)
         PART_NOTE="GPU tests collected and skipped"
-        run_part tests $CPU_CAP env TRITON_INTERPRET=1 "$PY" -m pytest -q -rs -p no:cacheprovider -m gpu \
-          tests/test_gpu.py tests/test_ops.py ;;
+        # shellcheck disable=SC2086
+        run_part tests $CPU_CAP env TRITON_INTERPRET=1 "$PY" -m pytest -q -rs -p no:cacheprovider -m gpu $GPU_TESTS ;;
       kernels)
         run_part kernels $CPU_CAP env -u TRITON_INTERPRET bash -c \
           "cd benchmarks && '$PY' kernels.py --quick --no-compile --no-append --threads 1 --min-time 0.1" ;;
@@ -211,6 +218,9 @@ for part in $PARTS; do
         else
           line "stats    SKIP        no decoder (see setup)"
         fi ;;
+      profile)
+        run_part profile $CPU_CAP env -u TRITON_INTERPRET bash -c "cd benchmarks && '$PY' profile_step.py --quick \
+          --grid 4x1x2 --methods sfm_single --loss 1000 --rows 8 --device cpu" ;;
     esac
   fi
 done

@@ -15,6 +15,7 @@ images [start, stop) of a sharded run draws exactly the values a single process 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 
 import torch
@@ -27,7 +28,14 @@ _BLOCK = 64
 
 
 def colour_matrix(dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
-    """M̂ [3, 3]: COLOUR_CORRELATION divided by its largest column (Euclidean) norm."""
+    """M̂ [3, 3]: COLOUR_CORRELATION divided by its largest column (Euclidean) norm. One cached copy per (dtype,
+    device), made once: a fresh host-to-device copy every decode would be a host sync inside each distillation step.
+    The result is shared: do not modify it in place."""
+    return _colour_matrix(dtype, torch.device(device) if device is not None else torch.device("cpu"))
+
+
+@functools.lru_cache(maxsize=None)
+def _colour_matrix(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     m = torch.tensor(COLOUR_CORRELATION, dtype=torch.float64)
     m = m / m.norm(dim=0).max()
     return m.to(dtype=dtype, device=device)

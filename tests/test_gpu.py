@@ -64,13 +64,19 @@ def test_compiled_kernels_match_float64(d, c, order, dtype):
     zt = features.clone().requires_grad_(True)  # plain torch, upcasting to fp32 as the reference does
     reference.sfm_loss(zt, labels, flow).backward()
     loss_err, grad_err, torch_grad_err = rel_err(loss, loss64), rel_err(z.grad, z64.grad), rel_err(zt.grad, z64.grad)
-    print(f"D={d} C={c} {order} {dtype}: loss {loss_err:.1e}, grad {grad_err:.1e} (torch {torch_grad_err:.1e})")
+    # the error of merely storing the exact gradient in `dtype`: dL/dz_i ~ 1 / (C n_c ||F~||) gets small as C grows,
+    # and fp16 flushes it into subnormals (measured on an H200: 8.6% at C=1000, D=4096, torch and sfmkern alike)
+    floor = rel_err(z64.grad.to(dtype), z64.grad)
+    print(f"D={d} C={c} {order} {dtype}: loss {loss_err:.1e}, grad {grad_err:.1e} (torch {torch_grad_err:.1e}, "
+          f"storing the exact gradient in {dtype} {floor:.1e})")
     assert z.grad.dtype == dtype and torch.isfinite(loss)
     assert loss_err <= 1e-5
     if dtype == torch.float32:
         assert grad_err <= 1e-5
-    else:  # bounded by plain torch in the same dtype, with an absolute cap: a zero or halved gradient fails
-        assert grad_err <= min(2 * torch_grad_err + 1e-6, 1e-2)
+    else:  # no worse than plain torch in the same dtype, and within 2x of the dtype's own floor (a zero or halved
+        # gradient is off by 50-100% and fails both)
+        assert grad_err <= 2 * torch_grad_err + 1e-6
+        assert grad_err <= 2 * floor + 1e-5
 
 
 # ------------------------------------------------------------------------------------------- distillation step
