@@ -110,8 +110,8 @@ def main() -> int:
         args.methods = ["sfm_single"]
     device = torch.device(args.device)
     torch.set_num_threads(max(1, args.threads))
-    print(f"profile_step: {args.model} at {args.crop} px, images {args.syn_res} px, on {common.device_name(args.device)}"
-          f" ({common.versions()})", flush=True)
+    print(f"profile_step: {args.model} at {args.crop} px, images {args.syn_res} px, on "
+          f"{common.device_name(args.device)} ({common.versions()})", flush=True)
     if args.loss:
         profile_loss(args.loss, args, device)
     if args.no_steps:

@@ -6,9 +6,11 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from sfmkern.synthetic import (
     SyntheticImages,
+    bilinear_matrix,
     block_randn,
     colour_matrix,
     decode,
@@ -128,3 +130,28 @@ def test_bad_arguments():
     imgs = SyntheticImages(2, 8)
     with pytest.raises(ValueError, match="level 0 has shape"):
         imgs.load_levels([torch.zeros(3, 3, 1, 1)])
+
+
+def test_bilinear_matrix_by_hand():
+    # 2 -> 4: source positions (i + 0.5)/2 - 0.5 = -0.25 (clamped to 0), 0.25, 0.75, 1.25 (upper neighbour clamped)
+    expected = torch.tensor([[1.0, 0.0], [0.75, 0.25], [0.25, 0.75], [0.0, 1.0]], dtype=torch.float64)
+    assert torch.equal(bilinear_matrix(2, 4, torch.float64), expected)
+    assert torch.equal(bilinear_matrix(1, 5, torch.float64), torch.ones(5, 1, dtype=torch.float64))
+    with pytest.raises(ValueError, match="src=0"):
+        bilinear_matrix(0, 4)
+
+
+@pytest.mark.parametrize("src,dst", [(1, 256), (2, 256), (3, 7), (5, 17), (64, 100), (128, 224), (7, 32)])
+def test_upsample_sum_equals_interpolate_forward_and_backward(src, dst):
+    """The matrix-product upsampling is F.interpolate's bilinear (align_corners=False) in value and in gradient."""
+    g = torch.Generator().manual_seed(src * 1000 + dst)
+    level = torch.randn(2, 3, src, src, generator=g, dtype=torch.float64, requires_grad=True)
+    full = torch.randn(2, 3, dst, dst, generator=g, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(2, 3, dst, dst, generator=g, dtype=torch.float64)
+    ours = upsample_sum([level, full], dst)
+    grads = torch.autograd.grad(ours, (level, full), upstream)
+    theirs = F.interpolate(level, size=(dst, dst), mode="bilinear", align_corners=False) + full
+    expected = torch.autograd.grad(theirs, (level, full), upstream)
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
