@@ -26,7 +26,7 @@
 #            against the measured copy bandwidth
 #   runtime  benchmarks/runtime.py: ViT-B/14 at 224 px (random weights), 4 methods, MFU at C=1000
 #   memory   benchmarks/memory.py: the same model, peak memory per step, OOM reported as such
-#   stats    benchmarks/stats.py: the statistics pass end to end vs forward-only on 1024 JPEGs
+#   stats    benchmarks/stats.py: the statistics pass end to end vs forward-only on 2048 JPEGs
 #   profile  benchmarks/profile_step.py: the kernels one sfmkern step at C=1000 spends its time in, and the fused
 #            loss's host overhead (cProfile), printed only (a diagnosis, not a figure)
 # A part fails on a failed test, a non-zero exit or its timeout; the script then exits 1. Performance goals missed
@@ -40,7 +40,7 @@
 #              rounds (warm-up, timed, FLOP count) + model load + 8192³ matmul peak. 1000x10x1 (10,000 views,
 #              ~35 s per two-phase step) does not fit: name it in GPU_CHECK_RUNTIME_GRID to run it    cap 150 s
 #   memory     ~170 s (est.): one process per (method, config), ~15 s each measured at C=100             cap 180 s
-#   stats      16 s: 1024 JPEGs, 2 repeats                                                                   cap 90 s
+#   stats      16 s measured with 1024 JPEGs, 2 repeats; now 2048 JPEGs, a warm-up pass and 3 repeats, ~35 s  cap 90 s
 #   profile    ~60 s (est.): one step at C=1000 under torch.profiler, the fused loss under cProfile        cap 120 s
 #   total      ~8 min; GPU_CHECK_BUDGET=480 s stops the parts there (each left out counts as a failure).
 # CPU mode (no CUDA device): setup, the GPU tests collected and skipped, kernels.py / runtime.py / memory.py / stats.py
@@ -190,8 +190,8 @@ for part in $PARTS; do
       stats)
         if [ "$DECODER" = 1 ]; then
           NOWRITE=(); [ "$APPEND" = 0 ] && NOWRITE=(--no-write)
-          run_part stats 90 env -u TRITON_INTERPRET "$PY" benchmarks/stats.py --model "$MODEL" --num 1024 \
-            --batch-size 128 --resize 256 --crop 224 --repeats 2 --device cuda "${NOWRITE[@]}"
+          run_part stats 90 env -u TRITON_INTERPRET "$PY" benchmarks/stats.py --model "$MODEL" --num 2048 \
+            --batch-size 128 --resize 256 --crop 224 --repeats 3 --device cuda "${NOWRITE[@]}"
         else
           line "stats    SKIP        no decoder (see setup)"
         fi ;;
