@@ -27,6 +27,8 @@ import os
 import sys
 import time
 
+from sfmkern import _malloc
+
 SWITCH_ENV = "SFMKERN_THREADS"
 _OFF = ("off", "0", "no", "false", "none")
 _USER_THREAD_ENVS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
@@ -119,12 +121,14 @@ def phase_threads() -> int | None:
 
 def cpu_phase(fn):
     """Decorator for a CPU-heavy phase: runs `fn` with `phase_threads()` threads when that is not None (restoring
-    torch's count afterwards), else unchanged. Nested phases keep the outer one's choice."""
+    torch's count afterwards), else unchanged. Nested phases keep the outer one's choice. The first phase of the
+    process also sets up glibc's malloc for tensor work (`sfmkern._malloc.configure`)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         if _state.get("active"):
             return fn(*args, **kwargs)
+        _malloc.configure()  # once per process: glibc thresholds that stop mmap/munmap churn (see sfmkern._malloc)
         threads = phase_threads()
         if threads is None:
             _state["active"] = True
