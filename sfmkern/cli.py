@@ -253,10 +253,10 @@ def cmd_eval(args) -> int:
     from sfmkern import baselines
     from sfmkern.evaluate import (
         LinearHead,
+        check_head_stats,
         evaluate,
-        fit_full_head,
         head_path_for,
-        head_reuse_problem,
+        load_or_fit_head,
         markdown_table,
     )
 
@@ -312,27 +312,13 @@ def cmd_eval(args) -> int:
             head_backbone = _load_backbone(args, name=args.head_backbone) if args.head_backbone else backbone
             if stats is not None:
                 stats.check_compatible(backbone=head_backbone, where=str(args.stats))
-            if args.head is not None:
+            if args.head is not None:  # an explicit head: refused if fitted on other statistics
                 head = LinearHead.load(args.head, backbone=head_backbone)
+                check_head_stats(head, stats, where=f"head {args.head}")
             else:
-                head_file = head_path_for(args.stats)
-                if head_file.is_file():
-                    try:
-                        head = LinearHead.load(head_file, backbone=head_backbone)
-                        problem = head_reuse_problem(head, stats, epochs=args.head_epochs, seed=args.seed)
-                    except ValueError as exc:  # another backbone's or a torn head: it is refitted
-                        problem = _one_line(exc)
-                    if problem:
-                        _log(args, f"refitting the full-data head {head_file}: {problem}")
-                        head = None
-                    else:
-                        _log(args, f"reusing the full-data head {head_file} (fitted on these statistics, "
-                                   f"{args.head_epochs} epochs, seed {args.seed})")
-                if head is None:
-                    check_writable(head_file, "full-data head")
-                    head = fit_full_head(stats, head_backbone, epochs=args.head_epochs, seed=args.seed,
-                                         out=head_file, progress=not args.quiet)
-                    _log(args, f"full-data head fitted ({args.head_epochs} epochs) -> {head_file}")
+                head_file = check_writable(head_path_for(args.stats), "full-data head")
+                head = load_or_fit_head(stats, head_backbone, head_file, epochs=args.head_epochs, seed=args.seed,
+                                        progress=not args.quiet, log=lambda message: _log(args, message))
         report = evaluate(str(distilled_path), backbone, test, mode=args.mode, head=head,
                           head_backbone=head_backbone if args.head_backbone else None, stats=stats, **cached)
     if args.out:
@@ -370,6 +356,9 @@ def cmd_demo(args) -> int:
     result = run_demo(args.out, preset=preset, device=args.device, fresh=args.fresh, progress=not args.quiet,
                       **overrides)
     print(result["table"])
+    if result.get("reference_table"):
+        print("reference rows (upper bounds, not results of the distilled images):")
+        print(result["reference_table"])
     print(f"report -> {Path(args.out) / 'report.md'} (total {result['total_s']:.0f} s)")
     failed = gate_failures(result)
     if failed:

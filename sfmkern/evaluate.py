@@ -385,6 +385,44 @@ def head_reuse_problem(head: LinearHead, stats, *, epochs: int, seed: int) -> st
     return "; ".join(problems)
 
 
+def load_or_fit_head(stats, backbone, path: str | os.PathLike | None = None, *, epochs: int = 10, seed: int = 0,
+                     fresh: bool = False, progress: bool = True, log=None) -> LinearHead:
+    """The full-data head of `stats` (ClassStats collected with cache_features=True) on `backbone`, the one rule for
+    the CLI, the demo and the API: the head saved at `path` is reused only if it was fitted on this backbone, on
+    these statistics (fingerprint), with these `epochs` and this `seed`; anything else (or `fresh=True`, or a
+    missing or unreadable file) fits it anew with `fit_full_head` and saves it at `path` (None: not saved).
+    `log(message)`, if given, hears one line saying which and why."""
+    say = log or (lambda _message: None)
+    if stats is None or not hasattr(stats, "fingerprint"):
+        raise TypeError(f"load_or_fit_head needs ClassStats, got {type(stats).__name__}")
+    stats.check_compatible(backbone=backbone)
+    path = None if path is None else Path(path)
+    if path is not None and path.is_file() and not fresh:
+        try:
+            head = LinearHead.load(path, backbone=backbone)
+            problem = head_reuse_problem(head, stats, epochs=epochs, seed=seed)
+        except ValueError as exc:  # another backbone's or a torn head: refitted
+            problem = " ".join(str(exc).split())
+        if not problem:
+            say(f"reusing the full-data head {path} (fitted on these statistics, {epochs} epochs, seed {seed})")
+            return head
+        say(f"refitting the full-data head {path}: {problem}")
+    head = fit_full_head(stats, backbone, epochs=epochs, seed=seed, out=path, progress=progress)
+    if path is not None:
+        say(f"full-data head fitted ({epochs} epochs) -> {path}")
+    return head
+
+
+def check_head_stats(head: LinearHead, stats, *, where: str = "head") -> None:
+    """Refuse (ValueError, one line) a head fitted beside statistics other than `stats` (a stale head)."""
+    fp = getattr(stats, "fingerprint", None)
+    if stats is not None and head.stats_fingerprint is not None and head.stats_fingerprint != fp:
+        raise ValueError(
+            f"{where} was fitted on statistics {_short(head.stats_fingerprint)}, not on these ({_short(fp)}): "
+            f"refit it (load_or_fit_head, or `sfmkern eval --mode inherit --stats` without --head)"
+        )
+
+
 def _derived_generator(seed: int, stream: str) -> torch.Generator:
     """A CPU generator seeded from (seed, stream) so that runs and the view bank draw independent numbers."""
     digest = hashlib.sha256(f"sfmkern.evaluate/{int(seed)}/{stream}".encode()).digest()
@@ -535,6 +573,17 @@ class EvalReport:
     provenance: dict = field(default_factory=dict)
 
     @property
+    def kind(self) -> str:
+        """"reference" for a row that is no result of the evaluated images: the full-data probe, and inheritance
+        with the distillation backbone (the full-data head itself, their upper bound); "result" otherwise (the
+        probe of a set, cross-backbone inheritance through a projector learnt on the images)."""
+        if self.mode == "full-data":
+            return "reference"
+        if self.mode == "inherit" and self.provenance.get("head_backbone_fingerprint") == self.backbone_fingerprint:
+            return "reference"
+        return "result"
+
+    @property
     def images_per_class(self) -> float:
         return self.num_train / max(1, self.num_classes)
 
@@ -601,8 +650,21 @@ def _fmt_acc(values: Sequence[float]) -> str:
     return f"{mean:.1f}" if len(values) <= 1 else f"{mean:.1f} ± {std:.1f}"
 
 
+REFERENCE_CAPTION = ("Reference rows (upper bounds, not results of the evaluated images: the full-data probe, and "
+                     "inheritance with the distillation backbone, which is the full-data head itself):")
+
+
 def markdown_table(reports: Sequence[EvalReport]) -> str:
-    """A Markdown table with one row per report: set, mode, backbone, images/class, runs, top-1, top-5, storage."""
+    """A Markdown table with one row per report: set, mode, backbone, images/class, runs, top-1, top-5, storage.
+    Reference rows (`EvalReport.kind == "reference"`) follow in a second table under `REFERENCE_CAPTION`."""
+    results = [r for r in reports if r.kind == "result"]
+    references = [r for r in reports if r.kind == "reference"]
+    if results and references:
+        return "\n".join([_table(results), "", REFERENCE_CAPTION, "", _table(references)])
+    return _table(results or references)
+
+
+def _table(reports: Sequence[EvalReport]) -> str:
     head = "| set | mode | backbone | img/class | runs | top-1 (%) | top-5 (%) | storage |"
     rows = [head, "|---|---|---|---:|---:|---:|---:|---:|"]
     for r in reports:
@@ -756,6 +818,12 @@ def evaluate(
         check_classes(f"{sets[0].name} set", sets[0].classes, "test data", test_classes)
     if stats is not None:
         check_classes("statistics", stats.classes, "test data", test_classes)
+    if mode == "inherit" and head is not None:  # a stale head is refused before any work
+        where = f"head {head}" if isinstance(head, (str, os.PathLike)) else "the inherited head"
+        if isinstance(head, (str, os.PathLike)):
+            head = LinearHead.load(head)
+        if isinstance(head, LinearHead):
+            check_head_stats(head, stats, where=where)
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -935,8 +1003,6 @@ def _run_inherit(sets, backbone, test: FeatureSet, *, head, head_backbone, epoch
                  crop, scale, max_batch, feature_batch, progress, timings) -> EvalReport:
     if head is None:
         raise ValueError("mode='inherit' needs head= (a LinearHead or the file written by fit_full_head)")
-    if isinstance(head, (str, os.PathLike)):
-        head = LinearHead.load(head)
     if not isinstance(head, LinearHead):
         raise TypeError(f"head must be a LinearHead or a path, got {type(head).__name__}")
     check_classes("inherited head", head.classes, "test data", test.classes)
@@ -965,6 +1031,8 @@ def _run_inherit(sets, backbone, test: FeatureSet, *, head, head_backbone, epoch
         protocol = _protocol(None, epochs=0, runs=1, seed=seed, view_bank=None, resize=resize, crop=crop,
                              scale=scale, test=test)
         protocol.update(views="none (head applied directly)", augment="none", optimizer="none", schedule="none")
+        provenance["reference"] = ("the full-data head itself (inheritance with the distillation backbone): an upper "
+                                   "bound, not a result of the images")
         return EvalReport(
             name="inherit", mode="inherit", backbone=backbone.name, backbone_fingerprint=backbone.fingerprint,
             num_classes=head.num_classes, num_train=len(sets[0]) if sets is not None else 0, top1=[a1], top5=[a5],
@@ -1047,9 +1115,11 @@ def _run_inherit(sets, backbone, test: FeatureSet, *, head, head_backbone, epoch
 
 
 __all__ = [
-    "CPU_VIEW_BANK", "EvalReport", "FeatureSet", "LabelledImages", "LinearHead", "MODES", "as_labelled_images",
-    "build_view_bank", "check_classes", "clear_feature_cache", "default_view_bank", "evaluate", "extract_features",
-    "fit_full_head", "head_path_for", "head_reuse_problem", "markdown_table", "stats_features",
+    "CPU_VIEW_BANK", "EvalReport", "FeatureSet", "LabelledImages", "LinearHead", "MODES", "REFERENCE_CAPTION",
+    "as_labelled_images",
+    "build_view_bank", "check_classes", "check_head_stats", "clear_feature_cache", "default_view_bank", "evaluate",
+    "extract_features", "fit_full_head", "head_path_for", "head_reuse_problem", "load_or_fit_head", "markdown_table",
+    "stats_features",
 ]
 
 make_module_callable(__name__, "evaluate")

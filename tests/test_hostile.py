@@ -201,9 +201,15 @@ def test_case3_eval_inherit_refits_a_head_of_other_statistics_or_settings(capsys
     assert run_cli(capsys, "stats", *[permuted if a == photo_folder else a for a in common_stats])[0] == 0
     new_stats = ClassStats.load(stats_file)
     assert new_stats.fingerprint != stats.fingerprint
+    stale = tmp_path / "stale.head.safetensors"
+    shutil.copy(head_file, stale)  # the head of the old statistics, kept under another name
     rc, _, err = run_cli(capsys, *evaluate[:-1], "3", "--seed", "5")
     assert rc == 0 and "fitted on other statistics" in err
     assert LinearHead.load(head_file).stats_fingerprint == new_stats.fingerprint
+    # an explicit --head of the old statistics is refused, in one line naming the file, never scored
+    rc, out, err = run_cli(capsys, *evaluate[:-1], "3", "--seed", "5", "--head", stale)
+    assert rc == 1 and not out, (rc, out, err)
+    assert str(stale) in err and "fitted on statistics" in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_case3_distill_refuses_a_checkpoint_past_steps_and_says_reuse(backbone, capsys, tmp_path):
