@@ -50,7 +50,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sfmkern._io import atomic_write
 from sfmkern._machine import cpu_model
+from sfmkern.artifacts import FeatureSet, head_path_for
+from sfmkern.backbone import load_backbone
+from sfmkern.data import fashion_mnist
+from sfmkern.evaluation import baselines, evaluate, extract_features, load_or_fit_head
+from sfmkern.evaluation.heads import FULL_HEAD_EPOCHS
+from sfmkern.pipeline import distill
+from sfmkern.stats import collect_stats
 
 TABLE_COLUMNS = ("method", "ipc", "protocol", "backbone", "runs", "top1_mean", "top1_std", "top5_mean", "top5_std",
                  "train_images", "storage_bytes")
@@ -85,7 +93,7 @@ class DemoSettings:
     epochs: int = 1000
     runs: int = 3
     view_bank: int = 16
-    full_epochs: int = 10
+    full_epochs: int = FULL_HEAD_EPOCHS
     kmeans: bool = True
     cross_backbone: str | None = None
     seed: int = 0
@@ -243,25 +251,19 @@ def _source_key(source) -> str:
 
 
 def cached_test_features(path: Path, source, backbone, *, size: int, batch_size: int, fresh: bool, progress: bool):
-    """Test-split features through `backbone` (Resize = CenterCrop = size), saved to `path` and reused when the
-    backbone weights, the size and the test items match."""
-    from sfmkern._io import load_tensors, save_tensors
-    from sfmkern.evaluate import FeatureSet, extract_features
-
+    """Test-split features through `backbone` (Resize = CenterCrop = size), saved to `path` (a FeatureSet file) and
+    reused when the backbone weights, the size and the test items match (else, or an older file: recomputed)."""
     key = {"backbone": backbone.name, "fingerprint": backbone.fingerprint, "size": int(size),
            "source": _source_key(source)}
     if path.is_file() and not fresh:
         try:
-            tensors, meta = load_tensors(path)
+            cached = FeatureSet.load(path, backbone=backbone)
+            if cached.extra.get("key") == key:
+                return cached
         except ValueError:
-            meta = {}
-        if meta.get("key") == key:
-            return FeatureSet(tensors["features"], tensors["labels"], list(source.classes), backbone.name,
-                              backbone.fingerprint, indices=tensors["indices"],
-                              preprocessing={"resize": int(size), "crop": int(size)}, skipped=int(meta["skipped"]))
+            pass
     fs = extract_features(source, backbone, resize=size, crop=size, batch_size=batch_size, progress=progress)
-    save_tensors(path, {"features": fs.features, "labels": fs.labels, "indices": fs.indices},
-                 {"key": key, "skipped": fs.skipped})
+    fs.save(path, extra={"key": key})
     return fs
 
 
@@ -366,13 +368,6 @@ def run_demo(out: str | os.PathLike, *, preset: str = "full", device=None, fresh
     """Run the demo into folder `out` and return the report as a dict (also written as out/report.json, with
     out/report.md). `preset`: "full" (README), "quick" (CI) or "tiny" (tests); `overrides`: DemoSettings fields.
     `fresh=True` recomputes the statistics, head, test features and distilled sets instead of reusing them."""
-    from sfmkern import baselines
-    from sfmkern.backbone import load_backbone
-    from sfmkern.data import fashion_mnist
-    from sfmkern.distill import distill
-    from sfmkern.evaluate import evaluate, head_path_for, load_or_fit_head
-    from sfmkern.stats import collect_stats
-
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     settings = settings_for(preset, dev.type, **overrides)
     out = Path(out)
@@ -483,8 +478,6 @@ def run_demo(out: str | os.PathLike, *, preset: str = "full", device=None, fresh
         "test_images": len(test_fs),
         "notes": notes,
     }
-    from sfmkern._io import atomic_write
-
     text_json = json.dumps(result, indent=2, sort_keys=True, default=str)
     atomic_write(out / "report.json", lambda tmp: Path(tmp).write_text(text_json + "\n"))
     text_md = render_markdown(result)

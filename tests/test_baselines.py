@@ -11,9 +11,9 @@ import torch
 from conftest import balanced_subset
 
 from sfmkern.backbone import load_backbone
-from sfmkern.baselines import centroid, full_data, random_real, select_centroid, select_random
 from sfmkern.data import ImageFolder, load_images
-from sfmkern.evaluate import extract_features, fit_full_head, load_or_fit_head, stats_features
+from sfmkern.evaluation import extract_features, fit_full_head, load_or_fit_head, stats_features
+from sfmkern.evaluation.baselines import centroid, full_data, random_real, select_centroid, select_random
 
 RES = dict(resize=36, crop=32, progress=False)
 
@@ -139,7 +139,7 @@ def test_load_or_fit_head_reuses_only_the_head_of_these_stats_backbone_and_setti
                                                                                       tmp_path):
     import dataclasses as dc
 
-    from sfmkern.evaluate import evaluate
+    from sfmkern.evaluation import evaluate
 
     path, said = tmp_path / "stats.head.safetensors", []
     first = load_or_fit_head(stats, backbone, path, epochs=3, seed=0, progress=False, log=said.append)

@@ -13,10 +13,8 @@ import pytest
 import torch
 from conftest import balanced_subset
 
-from sfmkern import probe
 from sfmkern.backbone import load_backbone
-from sfmkern.baselines import full_data, select_random
-from sfmkern.evaluate import (
+from sfmkern.evaluation import (
     REFERENCE_CAPTION,
     EvalReport,
     FeatureSet,
@@ -29,6 +27,8 @@ from sfmkern.evaluate import (
     head_path_for,
     markdown_table,
 )
+from sfmkern.evaluation import heads as probe
+from sfmkern.evaluation.baselines import full_data, select_random
 
 RES = dict(resize=36, crop=32, progress=False)
 
@@ -65,7 +65,7 @@ def full_head(train_features, backbone_a):
 @pytest.fixture(scope="module")
 def distilled(fmnist):
     """A stand-in distilled set: real images, 4 per class, as a DistilledSet (what distill() returns)."""
-    from sfmkern.distill import DistilledSet
+    from sfmkern.distillation import DistilledSet
 
     picked = select_random(fmnist[0], 4, seed=3, image_size=40)
     return DistilledSet(picked.images, picked.labels, picked.classes, config={"ipc": 4}, stats_fingerprint="x")
