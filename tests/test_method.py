@@ -164,8 +164,9 @@ def test_defaults_agree_across_config_function_and_cli():
             ("stats", collect_stats, (("resize", "resize"), ("crop", "crop"), ("batch_size", "batch_size"),
                                       ("checkpoint_every", "checkpoint_every"))),
             ("eval", evaluate, (("epochs", "epochs"), ("runs", "runs"), ("seed", "seed"), ("resize", "resize"),
-                                ("crop", "crop"), ("batch_size", "feature_batch"))),
-            ("eval", fit_full_head, (("head_epochs", "epochs"),))):
+                                ("crop", "crop"), ("batch_size", "feature_batch"), ("mode", "mode"))),
+            ("eval", fit_full_head, (("head_epochs", "epochs"),)),
+            ("plan", sfmkern.plan, (("ipc", "ipc"), ("augs", "augs"), ("mode", "mode")))):
         parsed = vars(parser.parse_args([command]))
         params = inspect.signature(fn).parameters
         for dest, name in pairs:

@@ -114,8 +114,9 @@ def distill_settings(args: argparse.Namespace) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     # the phases' config dataclasses import torch: loaded here, after `main` has set OMP_WAIT_POLICY, not at import
     from sfmkern.distillation import MODES as DISTILL_MODES
-    from sfmkern.distillation import DistillConfig
+    from sfmkern.distillation import DistillConfig, plan
     from sfmkern.distillation import distill as distill_fn
+    from sfmkern.evaluation import MODES as EVAL_MODES
     from sfmkern.evaluation import evaluate, fit_full_head
     from sfmkern.stats import collect_stats
 
@@ -191,8 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stats", metavar="FILE", help="statistics of the distillation backbone (centroid, kmeans, "
                    "full-data; the full-data head of --mode inherit lies beside it)")
     _backbone_options(p)
-    p.add_argument("--mode", choices=("probe", "inherit"), default="probe",
-                   help="probe: train a new linear head on the set; inherit: the full-data head (default probe)")
+    p.add_argument("--mode", choices=EVAL_MODES, default=eval_default("mode"),
+                   help=f"probe: train a new linear head on the set; inherit: the full-data head (default "
+                        f"{eval_default('mode')})")
     p.add_argument("--head", metavar="FILE", help="full-data head for --mode inherit (default: beside --stats)")
     p.add_argument("--head-backbone", metavar="NAME",
                    help="backbone A the head was fitted on, when evaluating with another backbone B (projector)")
@@ -265,14 +267,16 @@ def build_parser() -> argparse.ArgumentParser:
                                    "do not depend on them).")
     _backbone_options(p)
     p.add_argument("--classes", type=int, help="number of classes C (required)")
-    p.add_argument("--ipc", type=int, default=1, help="images per class (default 1)")
-    p.add_argument("--augs", type=int, default=1, help="augmented views per image per step (default 1)")
+    p.add_argument("--ipc", type=int, default=_default(plan, "ipc"),
+                   help=f"images per class (default {_default(plan, 'ipc')})")
+    p.add_argument("--augs", type=int, default=_default(plan, "augs"),
+                   help=f"augmented views per image per step (default {_default(plan, 'augs')})")
     p.add_argument("--crop", type=int, help="backbone input side (default: the backbone's)")
     p.add_argument("--syn-res", type=int, help="synthetic image side (default 256)")
     p.add_argument("--max-memory", metavar="BYTES", help="device memory budget, e.g. 80GiB (default: free CUDA "
                    "memory; none on CPU)")
     p.add_argument("--chunk-size", type=int, help="views per chunk (default: from the budget)")
-    p.add_argument("--mode", choices=("auto", "single", "two_phase", "lagged"), default="auto",
+    p.add_argument("--mode", choices=DISTILL_MODES, default=_default(plan, "mode"),
                    help="step mode to plan for (auto: as distill would pick; default auto)")
     p.add_argument("--tflops", type=float, help="sustained TFLOP/s for the time per step")
     p.add_argument("--measure-steps", type=int, default=0,

@@ -112,10 +112,10 @@ def _probe_distiller(backbone, num_classes: int, ipc: int, augs: int, crop: int,
         return Distiller(flow.to(backbone.device), backbone, config=cfg)
 
 
-def plan(backbone, num_classes: int, *, ipc: int = 1, augs: int = 1, crop: int | None = None,
-         syn_res: int | None = None, max_memory: int | str | None = None, device=None, mode: str = "auto",
-         chunk_size: int | None = None, param: str = "pyramid", tflops: float | None = None,
-         measure_steps: int = 0) -> Plan:
+def plan(backbone, num_classes: int, *, ipc: int = DistillConfig.ipc, augs: int = DistillConfig.augs,
+         crop: int | None = None, syn_res: int | None = None, max_memory: int | str | None = None, device=None,
+         mode: str = "auto", chunk_size: int | None = None, param: str = DistillConfig.param,
+         tflops: float | None = None, measure_steps: int = 0) -> Plan:
     """Plan a run of `distill(..., ipc, augs, crop, syn_res, max_memory, chunk_size, mode)` without allocating it.
 
     backbone: a loaded `Backbone` or a name (loaded with random weights: neither memory nor FLOPs depend on them).
