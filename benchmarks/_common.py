@@ -166,7 +166,7 @@ def make_case(backbone, num_classes: int, ipc: int, augs: int, *, syn_res: int, 
               seed: int = 0) -> Case:
     import warnings
 
-    from sfmkern.distill import DistillConfig, Distiller
+    from sfmkern.distillation import DistillConfig, Distiller
 
     device = torch.device(backbone.device)
     gen = torch.Generator().manual_seed(seed)

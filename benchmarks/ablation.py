@@ -88,7 +88,7 @@ _NOT_TRAJECTORY = {"ipc", "steps", "syn_res", "crop", "seed", "device", "max_mem
 
 def library_defaults() -> dict:
     """distill()'s keyword defaults that shape the images, as reprs."""
-    from sfmkern.distill import distill
+    from sfmkern.pipeline import distill
 
     return {name: repr(p.default) for name, p in inspect.signature(distill).parameters.items()
             if p.default is not inspect.Parameter.empty and name not in _NOT_TRAJECTORY}
@@ -154,8 +154,8 @@ class Prepared:
 
 def run_cell(prep: Prepared, method: str, ipc: int, seed: int, cfg: dict, kwargs: dict | None) -> dict:
     from sfmkern import baselines
-    from sfmkern.distill import distill
-    from sfmkern.evaluate import evaluate
+    from sfmkern.evaluation import evaluate
+    from sfmkern.pipeline import distill
 
     size = prep.size
     ev = dict(epochs=cfg["epochs"], runs=1, seed=seed, view_bank=cfg["view_bank"], resize=size, crop=size,
@@ -185,7 +185,7 @@ def run_cell(prep: Prepared, method: str, ipc: int, seed: int, cfg: dict, kwargs
 
 
 def supported(kwargs: dict) -> bool:
-    from sfmkern.distill import distill
+    from sfmkern.pipeline import distill
 
     params = inspect.signature(distill).parameters
     return all(k in params for k in kwargs)
@@ -295,7 +295,8 @@ def render_table(records: list[dict], cfg: dict, ipcs: list[int], command: str) 
     cells = _cells(records, cfg, used)
     cols = [(d, str(k)) for d in DATASETS for k in ipcs]
     names = {"random-real": "random real", "real-select": "centroid (1) / k-means real (10)",
-             "full-data": "full-data probe (every training image)"}
+             "full-data": "*reference:* full-data probe (every training image; an upper bound, not a result of "
+                          "distilled images)"}
     lines = ["| method | " + " | ".join(f"{d} ipc {k}" for d, k in cols) + " |",
              "|---|" + "---:|" * len(cols)]
     for method in list(BASELINES) + list(VARIANTS):

@@ -37,7 +37,7 @@ def child(args) -> dict:
 
     torch.set_num_threads(args.threads)
     from sfmkern.backbone import load_backbone
-    from sfmkern.distill import DistillConfig, Distiller
+    from sfmkern.distillation import DistillConfig, Distiller
 
     device = torch.device(args.device)
     torch.manual_seed(0)

@@ -36,8 +36,8 @@ def main() -> int:
     from sfmkern.backbone import load_backbone
     from sfmkern.data import fashion_mnist
     from sfmkern.demo import cached_test_features, per_class_subset, settings_for
-    from sfmkern.distill import distill
-    from sfmkern.evaluate import evaluate
+    from sfmkern.evaluation import evaluate
+    from sfmkern.pipeline import distill
     from sfmkern.stats import collect_stats
 
     s = settings_for("quick", "cpu")

@@ -46,7 +46,7 @@ def child(args) -> dict:
     c, ipc, a = common.parse_grid([args.child])[0]
     import baselines  # noqa: F401  (imported before the baseline, like everything else the step needs)
 
-    import sfmkern.distill
+    import sfmkern.distillation
     import sfmkern.ops
     import sfmkern.reference  # noqa: F401
 

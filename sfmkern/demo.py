@@ -13,9 +13,10 @@ Phases (each timed, with the peak memory after it):
   6. distill     `distill` at 1 and 10 images per class with the library defaults (real-image start, anchored
                  flow, sub-centres at 10; every pyramid level from the start)
   7. evaluate    the probe protocol on a bank of augmented views for the distilled sets and for the random-real,
-                 centroid and per-class k-means baselines; the full-data probe; classifier inheritance with the
-                 distillation backbone (equal to the full-data head by construction) and, optionally, with another
-                 backbone through a learnt projector
+                 centroid and per-class k-means baselines; optionally classifier inheritance with another
+                 backbone through a projector learnt on the distilled images. Reference rows, in their own table:
+                 the full-data probe and inheritance with the distillation backbone (the full-data head itself,
+                 by construction: an upper bound, not a result of the distilled images)
 Outputs in OUT: report.md (the accuracy table, phase times, peak memory, settings), report.json, grid.png (the
 first distilled set; grid-ipc<k>.png for each), distilled-ipc<k>.safetensors, stats/ (statistics, feature cache,
 full-data head), test-features*.safetensors, and the distillation run folders (checkpoints).
@@ -25,8 +26,10 @@ Resolution: Fashion-MNIST images are 28 x 28 with the garment filling the frame,
 centre crop: a 146 -> 128 crop would cut sleeves, soles and handles off the borders without adding any detail. The
 synthetic images are distilled at the same side, so views, statistics and test images share one input size.
 
-The accuracy table of report.md is machine-readable: `parse_report_table(text)` returns its rows as dicts with the
-fixed columns of `TABLE_COLUMNS`.
+The accuracy tables of report.md are machine-readable: `parse_report_table(text)` returns the rows of the results
+(the distilled images and the real-image baselines) as dicts with the fixed columns of `TABLE_COLUMNS`, and
+`parse_report_table(text, table="reference")` the reference rows (the full-data probe and inheritance with the
+distillation backbone, the full-data head itself: upper bounds, not results of the distilled images).
 """
 
 from __future__ import annotations
@@ -47,13 +50,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sfmkern._io import atomic_write
 from sfmkern._machine import cpu_model
+from sfmkern.artifacts import FeatureSet, head_path_for
+from sfmkern.backbone import load_backbone
+from sfmkern.data import fashion_mnist
+from sfmkern.evaluation import baselines, evaluate, extract_features, load_or_fit_head
+from sfmkern.evaluation.heads import FULL_HEAD_EPOCHS
+from sfmkern.pipeline import distill
+from sfmkern.stats import collect_stats
 
 TABLE_COLUMNS = ("method", "ipc", "protocol", "backbone", "runs", "top1_mean", "top1_std", "top5_mean", "top5_std",
                  "train_images", "storage_bytes")
 _NUMERIC = {"runs": int, "top1_mean": float, "top1_std": float, "top5_mean": float, "top5_std": float,
             "train_images": int, "storage_bytes": int}
 _TABLE_BEGIN = "<!-- sfmkern:accuracy-table -->"
+_REFERENCE_BEGIN = "<!-- sfmkern:reference-table -->"
+_TABLE_MARKERS = {"results": _TABLE_BEGIN, "reference": _REFERENCE_BEGIN}
 
 
 @dataclass
@@ -80,7 +93,7 @@ class DemoSettings:
     epochs: int = 1000
     runs: int = 3
     view_bank: int = 16
-    full_epochs: int = 10
+    full_epochs: int = FULL_HEAD_EPOCHS
     kmeans: bool = True
     cross_backbone: str | None = None
     seed: int = 0
@@ -180,6 +193,14 @@ class _Phases:
             print(f"[sfmkern demo] {name}: {seconds:.1f} s", file=sys.stderr, flush=True)
 
 
+def _demo_log(progress: bool):
+    """A `log` callback that prints `[sfmkern demo] message` on stderr (nothing when progress is off)."""
+    def log(message: str) -> None:
+        if progress:
+            print(f"[sfmkern demo] {message}", file=sys.stderr, flush=True)
+    return log
+
+
 def peak_rss_mib() -> float:
     """Peak resident set size of this process so far, MiB (Linux reports ru_maxrss in KiB, macOS in bytes)."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -230,25 +251,19 @@ def _source_key(source) -> str:
 
 
 def cached_test_features(path: Path, source, backbone, *, size: int, batch_size: int, fresh: bool, progress: bool):
-    """Test-split features through `backbone` (Resize = CenterCrop = size), saved to `path` and reused when the
-    backbone weights, the size and the test items match."""
-    from sfmkern._io import load_tensors, save_tensors
-    from sfmkern.evaluate import FeatureSet, extract_features
-
+    """Test-split features through `backbone` (Resize = CenterCrop = size), saved to `path` (a FeatureSet file) and
+    reused when the backbone weights, the size and the test items match (else, or an older file: recomputed)."""
     key = {"backbone": backbone.name, "fingerprint": backbone.fingerprint, "size": int(size),
            "source": _source_key(source)}
     if path.is_file() and not fresh:
         try:
-            tensors, meta = load_tensors(path)
+            cached = FeatureSet.load(path, backbone=backbone)
+            if cached.extra.get("key") == key:
+                return cached
         except ValueError:
-            meta = {}
-        if meta.get("key") == key:
-            return FeatureSet(tensors["features"], tensors["labels"], list(source.classes), backbone.name,
-                              backbone.fingerprint, indices=tensors["indices"],
-                              preprocessing={"resize": int(size), "crop": int(size)}, skipped=int(meta["skipped"]))
+            pass
     fs = extract_features(source, backbone, resize=size, crop=size, batch_size=batch_size, progress=progress)
-    save_tensors(path, {"features": fs.features, "labels": fs.labels, "indices": fs.indices},
-                 {"key": key, "skipped": fs.skipped})
+    fs.save(path, extra={"key": key})
     return fs
 
 
@@ -275,16 +290,20 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def parse_report_table(text: str) -> list[dict]:
-    """Rows of the accuracy table in a report.md text (or a path to one) as dicts keyed by TABLE_COLUMNS, numbers
-    converted. Raises ValueError if the table is missing or malformed."""
+def parse_report_table(text: str, *, table: str = "results") -> list[dict]:
+    """Rows of an accuracy table in a report.md text (or a path to one) as dicts keyed by TABLE_COLUMNS, numbers
+    converted: table="results" (the distilled images and the real-image baselines) or "reference" (the full-data
+    rows, upper bounds). Raises ValueError if the table is missing or malformed."""
+    if table not in _TABLE_MARKERS:
+        raise ValueError(f"table must be one of {sorted(_TABLE_MARKERS)}, got {table!r}")
+    marker = _TABLE_MARKERS[table]
     if isinstance(text, os.PathLike) or (isinstance(text, str) and "\n" not in text and Path(text).is_file()):
         text = Path(text).read_text()
     lines = text.splitlines()
     try:
-        start = next(i for i, ln in enumerate(lines) if ln.strip() == _TABLE_BEGIN)
+        start = next(i for i, ln in enumerate(lines) if ln.strip() == marker)
     except StopIteration:
-        raise ValueError(f"no accuracy table (marker {_TABLE_BEGIN}) in the report") from None
+        raise ValueError(f"no accuracy table ({table}: marker {marker}) in the report") from None
     header = [c.strip() for c in lines[start + 1].strip().strip("|").split("|")]
     if tuple(header) != TABLE_COLUMNS:
         raise ValueError(f"accuracy table header {header} is not {list(TABLE_COLUMNS)}")
@@ -349,13 +368,6 @@ def run_demo(out: str | os.PathLike, *, preset: str = "full", device=None, fresh
     """Run the demo into folder `out` and return the report as a dict (also written as out/report.json, with
     out/report.md). `preset`: "full" (README), "quick" (CI) or "tiny" (tests); `overrides`: DemoSettings fields.
     `fresh=True` recomputes the statistics, head, test features and distilled sets instead of reusing them."""
-    from sfmkern import baselines
-    from sfmkern.backbone import load_backbone
-    from sfmkern.data import fashion_mnist
-    from sfmkern.distill import distill
-    from sfmkern.evaluate import LinearHead, evaluate, fit_full_head, head_path_for, head_reuse_problem
-    from sfmkern.stats import collect_stats
-
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     settings = settings_for(preset, dev.type, **overrides)
     out = Path(out)
@@ -379,20 +391,8 @@ def run_demo(out: str | os.PathLike, *, preset: str = "full", device=None, fresh
                               resume=not fresh, cache_features=True, progress=progress)
     with phases("full-data head"):
         head_path = head_path_for(stats_path)
-        head = None
-        if head_path.is_file() and not fresh:
-            try:
-                head = LinearHead.load(head_path, backbone=backbone)
-                problem = head_reuse_problem(head, stats, epochs=s.full_epochs, seed=s.seed)
-            except ValueError as exc:
-                head, problem = None, str(exc)
-            if problem:
-                head = None
-                if progress:
-                    print(f"[sfmkern demo] refitting the full-data head: {problem}", file=sys.stderr, flush=True)
-        if head is None:
-            head = fit_full_head(stats, backbone, epochs=s.full_epochs, seed=s.seed, out=head_path,
-                                 progress=progress)
+        head = load_or_fit_head(stats, backbone, head_path, epochs=s.full_epochs, seed=s.seed, fresh=fresh,
+                                progress=progress, log=_demo_log(progress))
     with phases("test features"):
         test_fs = cached_test_features(out / "test-features.safetensors", test, backbone, size=size,
                                        batch_size=s.batch_size, fresh=fresh, progress=progress)
@@ -413,11 +413,13 @@ def run_demo(out: str | os.PathLike, *, preset: str = "full", device=None, fresh
     ev = dict(epochs=s.epochs, runs=s.runs, seed=s.seed, view_bank=s.view_bank, resize=size, crop=size,
               feature_batch=s.batch_size, progress=progress,
               cache_dir=None if fresh else out / "eval-cache")  # finished evaluations reused when nothing changed
-    rows: list[dict] = []
+    rows: list[dict] = []  # results of the distilled images and of the real-image baselines
+    reference_rows: list[dict] = []  # upper bounds, no result of any set (EvalReport.kind == "reference")
     reports: dict[str, dict] = {}
 
     def add(key, method, ipc, report, protocol=None):
-        rows.append(_report_row(method, ipc, report, protocol=protocol))
+        (rows if report.kind == "result" else reference_rows).append(
+            _report_row(method, ipc, report, protocol=protocol))
         reports[key] = report.to_dict()
 
     with phases("evaluate: full-data probe"):
@@ -435,10 +437,9 @@ def run_demo(out: str | os.PathLike, *, preset: str = "full", device=None, fresh
             elif s.kmeans:
                 add(f"kmeans-{ipc}", "kmeans", ipc, baselines.centroid(train, stats, backbone, test_fs, ipc=ipc,
                                                                        image_size=size, **ev))
-    with phases("evaluate: classifier inheritance"):
-        for ipc in s.ipcs:
-            add(f"sfm-{ipc}-inherit", "sfm", ipc,
-                evaluate(distilled[ipc], backbone, test_fs, mode="inherit", head=head, name="sfm", **ev))
+    with phases("evaluate: classifier inheritance"):  # with the distillation backbone: the full-data head itself
+        add("full-data-head-inherit", "full-data head", "all",
+            evaluate(None, backbone, test_fs, mode="inherit", head=head, stats=stats, name="full-data head", **ev))
     notes: list[str] = []
     other = None
     if s.cross_backbone:
@@ -466,7 +467,8 @@ def run_demo(out: str | os.PathLike, *, preset: str = "full", device=None, fresh
     table = format_table(rows)
     result = {
         "preset": preset, "settings": settings.to_dict(), "machine": machine, "total_s": round(total, 1),
-        "phases": phases.rows, "rows": rows, "checks": checks, "table": table, "reports": reports,
+        "phases": phases.rows, "rows": rows, "reference_rows": reference_rows, "checks": checks, "table": table,
+        "reference_table": format_table(reference_rows), "reports": reports,
         "files": {
             "stats": str(stats_path), "head": str(head_path), "grid": str(out / "grid.png"),
             "distilled": {str(k): str(out / f"distilled-ipc{k}.safetensors") for k in s.ipcs},
@@ -476,14 +478,13 @@ def run_demo(out: str | os.PathLike, *, preset: str = "full", device=None, fresh
         "test_images": len(test_fs),
         "notes": notes,
     }
-    from sfmkern._io import atomic_write
-
     text_json = json.dumps(result, indent=2, sort_keys=True, default=str)
     atomic_write(out / "report.json", lambda tmp: Path(tmp).write_text(text_json + "\n"))
     text_md = render_markdown(result)
     atomic_write(out / "report.md", lambda tmp: Path(tmp).write_text(text_md))
-    if len(parse_report_table(text_md)) != len(rows):  # the report must always be machine-readable
-        raise RuntimeError(f"{out / 'report.md'}: the accuracy table does not parse back to {len(rows)} rows")
+    for which, expected in (("results", rows), ("reference", reference_rows)):  # always machine-readable
+        if len(parse_report_table(text_md, table=which)) != len(expected):
+            raise RuntimeError(f"{out / 'report.md'}: the {which} table does not parse back to {len(expected)} rows")
     return result
 
 
@@ -500,13 +501,23 @@ def render_markdown(result: dict) -> str:
         "",
         "## Accuracy (top-1 / top-5 %, real test images)",
         "",
-        "`protocol`: probe = a new linear head trained on the set (mean and std over `runs` seeds); inherit = the "
-        "full-data head (with the distillation backbone it is that head itself); inherit+projector = the full-data "
-        "head behind a linear projector learnt on the distilled images only. `ipc` = images per class; `storage_bytes`"
-        " = 8-bit pixels of the set (plus head and projector for inheritance).",
+        "Results of the distilled images (`sfm`) and of the real-image baselines. `protocol`: probe = a new linear "
+        "head trained on the set (mean and std over `runs` seeds); inherit+projector = the full-data head of the "
+        "distillation backbone behind a linear projector from another backbone, learnt on the distilled images "
+        "only. `ipc` = images per class; `storage_bytes` = 8-bit pixels of the set (plus head and projector for "
+        "inheritance).",
         "",
         _TABLE_BEGIN,
         result["table"],
+        "",
+        "### Reference rows (upper bounds, not results of the distilled images)",
+        "",
+        "full-data = a linear head trained on every training feature; full-data head / inherit = classifier "
+        "inheritance with the distillation backbone, which applies that same head and uses no distilled image, so "
+        "it equals the full-data row by construction.",
+        "",
+        _REFERENCE_BEGIN,
+        result.get("reference_table") or format_table([]),
         "",
     ]
     for note in result.get("notes", []):

@@ -27,13 +27,14 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
 
-from sfmkern import _threads
+from sfmkern import _threads, ops
 from sfmkern._io import (
     OutputBusyError,
     check_free_space,
@@ -45,137 +46,13 @@ from sfmkern._io import (
     save_tensors,
 )
 from sfmkern._nvtx import nvtx_range
+from sfmkern.artifacts import ClassStats
+from sfmkern.artifacts.stats import labels_path_for
+from sfmkern.backbone import Backbone, load_backbone
+from sfmkern.data import DECODER_VERSION, check_classes_nonempty, stream
+from sfmkern.data.coerce import as_source
 
-_FORMAT = "sfmkern.ClassStats/1"
 _CHECKPOINT_FORMAT = "sfmkern.stats-checkpoint/1"
-
-
-@dataclass
-class ClassStats:
-    """Per-class feature means of a dataset under one backbone and one preprocessing.
-
-    centres float32 [C, D] (mean feature per class), counts int64 [C] (usable images per class), `classes` (names,
-    index order), `class_to_idx`, `backbone_name`, `backbone_fingerprint` (sha256 of the weights),
-    `preprocessing` (dict: resize, crop, mean, std, input_size, feature_kind), `decoder_version`, `skipped`
-    (list of [index, name, reason] for files that could not be used; index -1: a listing problem such as an
-    unreadable folder or a FIFO, which is no item of the source), `features_path` (the fp16 feature cache or
-    None), `fingerprint` (sha256 of the centres, counts and everything above but the run info), `run_info` (not part
-    of the fingerprint: resumed_from, images_forwarded, seconds, world_size, data).
-    """
-
-    centres: torch.Tensor
-    counts: torch.Tensor
-    classes: list[str]
-    class_to_idx: dict[str, int]
-    backbone_name: str
-    backbone_fingerprint: str
-    preprocessing: dict
-    decoder_version: str
-    skipped: list = field(default_factory=list)
-    features_path: str | None = None
-    run_info: dict = field(default_factory=dict)
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.centres.shape[0])
-
-    @property
-    def feature_dim(self) -> int:
-        return int(self.centres.shape[1])
-
-    def _meta(self) -> dict:
-        return {
-            "format": _FORMAT,
-            "classes": list(self.classes),
-            "class_to_idx": dict(self.class_to_idx),
-            "backbone_name": self.backbone_name,
-            "backbone_fingerprint": self.backbone_fingerprint,
-            "preprocessing": dict(self.preprocessing),
-            "decoder_version": self.decoder_version,
-            "skipped": [list(s) for s in self.skipped],
-            "features_path": self.features_path,
-        }
-
-    @property
-    def fingerprint(self) -> str:
-        meta = self._meta()
-        meta.pop("features_path")  # where the cache lies is not part of what was measured
-        h = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
-        h.update(self.centres.detach().cpu().contiguous().float().numpy().tobytes())
-        h.update(self.counts.detach().cpu().contiguous().to(torch.int64).numpy().tobytes())
-        return h.hexdigest()
-
-    def save(self, path: str | os.PathLike) -> Path:
-        """Atomically write safetensors (centres, counts) with every other field as JSON metadata."""
-        meta = self._meta()
-        meta["fingerprint"] = self.fingerprint
-        meta["run_info"] = dict(self.run_info)
-        return save_tensors(path, {"centres": self.centres.float(), "counts": self.counts.to(torch.int64)}, meta)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike, *, backbone=None, resize: int | None = None,
-             crop: int | None = None) -> ClassStats:
-        """Read a file written by `save`. With `backbone` (a Backbone or a name), `resize` or `crop` given, refuse
-        (ValueError naming the difference) when the file was computed under anything else."""
-        tensors, meta = load_tensors(path)
-        if meta.get("format") != _FORMAT or "centres" not in tensors or "counts" not in tensors:
-            raise ValueError(f"{path}: not a ClassStats file (format {meta.get('format')!r})")
-        stats = cls(
-            centres=tensors["centres"], counts=tensors["counts"], classes=list(meta["classes"]),
-            class_to_idx=dict(meta["class_to_idx"]), backbone_name=meta["backbone_name"],
-            backbone_fingerprint=meta["backbone_fingerprint"], preprocessing=dict(meta["preprocessing"]),
-            decoder_version=meta["decoder_version"], skipped=[list(s) for s in meta["skipped"]],
-            features_path=meta.get("features_path"), run_info=dict(meta.get("run_info") or {}),
-        )
-        if stats.features_path and not Path(stats.features_path).is_file():
-            beside = Path(path).with_name(Path(stats.features_path).name)
-            if beside.is_file():  # moved together with the statistics file
-                stats.features_path = str(beside)
-        if meta.get("fingerprint") not in (None, stats.fingerprint):
-            raise ValueError(f"{path}: contents do not match the recorded fingerprint (file altered or torn)")
-        stats.check_compatible(backbone=backbone, resize=resize, crop=crop, where=str(path))
-        return stats
-
-    def check_compatible(self, *, backbone=None, resize=None, crop=None, where: str = "ClassStats") -> None:
-        """Raise ValueError naming the difference if these statistics were not computed with these settings."""
-        problems = []
-        if backbone is not None:
-            name = backbone if isinstance(backbone, str) else backbone.name
-            if name != self.backbone_name:
-                problems.append(f"backbone {self.backbone_name!r} was recorded, {name!r} was given")
-            elif not isinstance(backbone, str) and backbone.fingerprint != self.backbone_fingerprint:
-                problems.append(
-                    f"backbone {name!r} weights differ (recorded fingerprint {self.backbone_fingerprint[:12]}, "
-                    f"given {backbone.fingerprint[:12]})"
-                )
-        for key, value in (("resize", resize), ("crop", crop)):
-            if value is not None and value != self.preprocessing.get(key):
-                problems.append(f"{key}={self.preprocessing.get(key)} was recorded, {key}={value} was given")
-        if problems:
-            raise ValueError(f"{where}: statistics computed under different settings: " + "; ".join(problems))
-
-    def load_features(self) -> tuple[np.memmap, np.ndarray]:
-        """The feature cache: (features float16 memmap [N, D], labels int64 [N]); label -1 marks skipped items."""
-        if not self.features_path:
-            raise ValueError("these statistics were collected without cache_features=True: no feature cache")
-        feats_path = Path(self.features_path)
-        labels_path = _labels_path_for(feats_path)
-        for p in (feats_path, labels_path):
-            if not p.is_file():
-                raise FileNotFoundError(f"feature cache file {p} is missing")
-        features = np.load(feats_path, mmap_mode="r")
-        labels = np.load(labels_path)
-        if features.ndim != 2 or labels.shape != (features.shape[0],) or features.shape[1] != self.feature_dim:
-            raise ValueError(f"{feats_path}: cache shape {features.shape} / labels {labels.shape} do not match "
-                             f"the statistics (D={self.feature_dim})")
-        return features, labels.astype(np.int64, copy=False)
-
-
-# ----------------------------------------------------------------------------------------------------- helpers
-def _labels_path_for(features_path: Path) -> Path:
-    name = features_path.name
-    stem = name[: -len(".features.npy")] if name.endswith(".features.npy") else features_path.stem
-    return features_path.with_name(stem + ".labels.npy")
 
 
 def _cache_paths(out: Path) -> tuple[Path, Path]:
@@ -185,24 +62,6 @@ def _cache_paths(out: Path) -> tuple[Path, Path]:
 
 def _checkpoint_path(out: Path, rank: int, world: int) -> Path:
     return out.with_name(f"{out.name}.partial-{rank}of{world}")
-
-
-def _as_source(data):
-    from sfmkern.data import ImageFolder, Source, TarShards
-
-    if isinstance(data, Source):
-        return data
-    if isinstance(data, (str, os.PathLike)):
-        text = os.fspath(data)
-        if any(ch in text for ch in "*?[") or text.endswith(".tar"):
-            return TarShards(text)
-        if os.path.isdir(text):
-            entries = list(os.scandir(text))
-            if not any(e.is_dir() for e in entries) and any(e.name.endswith(".tar") for e in entries):
-                return TarShards(text)  # a directory of shards
-            return ImageFolder(text)
-        raise FileNotFoundError(f"collect_stats: data {text!r} is neither a directory nor a tar shard (glob)")
-    raise TypeError(f"collect_stats: data must be a path or an sfmkern.data source, got {type(data).__name__}")
 
 
 def data_fingerprint(source) -> str:
@@ -247,8 +106,6 @@ def accumulate_class_sums(sums: torch.Tensor, counts: torch.Tensor, features: to
         batch_sums, batch_counts = ops.class_sums(features, labels, C, deterministic=True)
         sums += batch_sums.double(); counts += batch_counts
     """
-    from sfmkern import ops
-
     n = labels.shape[0]
     if n == 0:
         return
@@ -265,8 +122,6 @@ def accumulate_class_sums(sums: torch.Tensor, counts: torch.Tensor, features: to
 
 
 def _dist_info() -> tuple[int, int, bool]:
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), True
     return 0, 1, False
@@ -321,7 +176,7 @@ def _cache_problem(out: Path, recorded) -> str:
 
 
 def _flush_cache(cache) -> None:
-    for array, path in ((cache[0], cache[2]), (cache[1], _labels_path_for(cache[2]))):
+    for array, path in ((cache[0], cache[2]), (cache[1], labels_path_for(cache[2]))):
         try:
             array.flush()
         except OSError as exc:
@@ -393,8 +248,6 @@ def _locked_output(out, *, progress: bool):
             except OutputBusyError as exc:
                 error = str(exc)
         if distributed:
-            import torch.distributed as dist
-
             shared = [error]
             dist.broadcast_object_list(shared, src=0)
             error = shared[0]
@@ -447,8 +300,6 @@ def _collect_stats(
     progress: bool = True,
 ) -> ClassStats:
     """collect_stats without the output lock (see collect_stats)."""
-    from sfmkern.backbone import Backbone, load_backbone
-    from sfmkern.data import DECODER_VERSION, check_classes_nonempty, stream
 
     if isinstance(backbone, str):
         backbone = load_backbone(backbone, device=device)
@@ -468,7 +319,7 @@ def _collect_stats(
                          f"{backbone.input_size})")
     if cache_features and out is None:
         raise ValueError("collect_stats: cache_features=True needs out= (the cache is written beside it)")
-    source = _as_source(data)
+    source = as_source(data, what="collect_stats")
     rank, world, distributed = _dist_info()
     num_classes, n_items, dim = len(source.classes), len(source), backbone.feature_dim
     if num_classes == 0 or n_items == 0:
@@ -495,7 +346,7 @@ def _collect_stats(
             done = None
         if done is not None and done.run_info.get("run_key") == run_key:
             missing = cache_features and not (done.features_path and Path(done.features_path).is_file()
-                                              and _labels_path_for(Path(done.features_path)).is_file())
+                                              and labels_path_for(Path(done.features_path)).is_file())
             if not missing:
                 notice(f"reusing the finished statistics {out_path} (same data, backbone and settings; "
                        "resume=False / --no-resume recomputes)", progress and rank == 0)
@@ -533,8 +384,6 @@ def _collect_stats(
     cache = None
     if cache_features:
         if distributed:  # rank 0 creates the shared files, the others open them once they exist
-            import torch.distributed as dist
-
             if rank == 0:
                 _open_cache(out_path, n_items, dim, create=start == 0)
             dist.barrier()
@@ -547,8 +396,6 @@ def _collect_stats(
     shard_total = start + it.num_items
     bar = None
     if progress and rank == 0:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=shard_total, initial=start, unit="img", unit_scale=True, desc=f"stats {backbone.name}",
                    dynamic_ncols=True)
 
@@ -600,8 +447,6 @@ def _collect_stats(
     if rank == 0:
         skipped += listing_problems
     if distributed:
-        import torch.distributed as dist
-
         if ckpt_path is not None:
             save_checkpoint(position)  # this rank's shard is done: a rerun after a failed all-reduce skips it
         reduce_device = sums.device if dist.get_backend() != "gloo" else torch.device("cpu")
@@ -637,8 +482,6 @@ def _collect_stats(
         if rank == 0:
             stats.save(out_path)
         if distributed:
-            import torch.distributed as dist
-
             dist.barrier()  # the file exists on every rank's return
         if ckpt_path.is_file():
             ckpt_path.unlink()

@@ -70,9 +70,9 @@ def test_to_packs_every_parameter_and_slices_keep_the_noisy_positions():
 
 class _TransferLog:
     """Records every Tensor.to/.cuda/.cpu/.copy_ call that names a device (or copies across devices) made from
-    sfmkern/augment.py or sfmkern/distill.py: (function, target device, non_blocking)."""
+    sfmkern/augment.py or sfmkern/distillation/distiller.py: (function, target device, non_blocking)."""
 
-    WATCHED = ("sfmkern/augment.py", "sfmkern/distill.py")
+    WATCHED = ("sfmkern/augment.py", "sfmkern/distillation/distiller.py")
 
     def __init__(self, monkeypatch):
         self.calls = []
@@ -113,7 +113,7 @@ def test_a_step_moves_its_augmentation_parameters_once(monkeypatch):
     """The step's views reach the device in one non-blocking copy, whatever the number of chunks and phases (on CPU
     the target is the CPU, so the copy is free, but the calls are the same as on CUDA)."""
     from sfmkern.backbone import load_backbone
-    from sfmkern.distill import DistillConfig, Distiller
+    from sfmkern.distillation import DistillConfig, Distiller
 
     torch.manual_seed(0)
     backbone = load_backbone("test_vit", pretrained=False, img_size=32, device="cpu")

@@ -11,9 +11,9 @@ import torch
 from conftest import balanced_subset
 
 from sfmkern.backbone import load_backbone
-from sfmkern.baselines import centroid, full_data, random_real, select_centroid, select_random
 from sfmkern.data import ImageFolder, load_images
-from sfmkern.evaluate import extract_features, fit_full_head, stats_features
+from sfmkern.evaluation import extract_features, fit_full_head, load_or_fit_head, stats_features
+from sfmkern.evaluation.baselines import centroid, full_data, random_real, select_centroid, select_random
 
 RES = dict(resize=36, crop=32, progress=False)
 
@@ -133,6 +133,34 @@ def test_full_data_from_cache_features_and_stream_agree(fmnist, backbone, stats)
     # the fp16 cache and the fp32 streamed features train nearly the same head
     assert abs(streamed.top1[0] - from_stats.top1[0]) <= 3.0
     assert from_stats.top1[0] > 25.0  # well above chance (10 %)
+
+
+def test_load_or_fit_head_reuses_only_the_head_of_these_stats_backbone_and_settings(fmnist, backbone, stats,
+                                                                                      tmp_path):
+    import dataclasses as dc
+
+    from sfmkern.evaluation import evaluate
+
+    path, said = tmp_path / "stats.head.safetensors", []
+    first = load_or_fit_head(stats, backbone, path, epochs=3, seed=0, progress=False, log=said.append)
+    assert path.is_file() and first.stats_fingerprint == stats.fingerprint and "fitted" in said[-1]
+    again = load_or_fit_head(stats, backbone, path, epochs=3, seed=0, progress=False, log=said.append)
+    assert "reusing" in said[-1] and torch.equal(again.weight, first.weight)
+    load_or_fit_head(stats, backbone, path, epochs=4, seed=0, progress=False, log=said.append)
+    assert "refitting" in said[-2] and "epochs=3 was used" in said[-2]
+    # statistics of other data (same classes, other centres): the saved head is stale, refitted, never reused
+    other = dc.replace(stats, centres=stats.centres + 1.0)
+    assert other.fingerprint != stats.fingerprint
+    refit = load_or_fit_head(other, backbone, path, epochs=4, seed=0, progress=False, log=said.append)
+    assert "fitted on other statistics" in said[-2] and refit.stats_fingerprint == other.fingerprint
+    # the API refuses a stale head given explicitly: it never scores with it
+    _, test = fmnist
+    with pytest.raises(ValueError, match="was fitted on statistics .* not on these"):
+        evaluate(None, backbone, test, mode="inherit", head=first, stats=other, **RES)
+    torn = tmp_path / "torn.head.safetensors"
+    torn.write_bytes(path.read_bytes()[:100])
+    load_or_fit_head(stats, backbone, torn, epochs=3, seed=0, progress=False, log=said.append)
+    assert "refitting" in said[-2] and str(torn) in said[-2]
 
 
 def test_random_real_on_photo_folder(photo_folder, backbone):

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from baselines import AMP_SCALE, lgm_forward_backward, new_head, public_sfm_forward_backward  # noqa: E402
 
 from sfmkern.backbone import load_backbone  # noqa: E402
-from sfmkern.distill import DistillConfig, Distiller  # noqa: E402
+from sfmkern.distillation import DistillConfig, Distiller  # noqa: E402
 
 
 def _distiller(num_classes=3, ipc=2, augs=2, seed=0):

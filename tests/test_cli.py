@@ -88,7 +88,7 @@ def test_python_dash_m_and_console_script(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ the happy path
 def test_stats_distill_eval_chain(capsys, photo_folder, stats_file, tmp_path):
-    from sfmkern.distill import DistilledSet
+    from sfmkern.distillation import DistilledSet
     from sfmkern.stats import ClassStats
 
     stats = ClassStats.load(stats_file)

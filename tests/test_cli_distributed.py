@@ -32,7 +32,7 @@ def _run(args, cwd, world: int = 1) -> None:
 
 
 def test_torchrun_two_ranks_equal_one_process(photo_folder, tmp_path):
-    from sfmkern.distill import DistilledSet
+    from sfmkern.distillation import DistilledSet
     from sfmkern.stats import ClassStats
 
     stats_args = ["stats", "--data", str(photo_folder), *COMMON, "--resize", "40", "--crop", "32", "--batch-size", "3"]

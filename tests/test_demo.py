@@ -51,19 +51,24 @@ def test_tiny_demo_writes_a_parseable_report(tiny_demo):
     rows = parse_report_table((out / "report.md").read_text())
     assert rows == parse_report_table(str(out / "report.md"))  # a path works too
     keys = {(r["method"], r["ipc"], r["protocol"]) for r in rows}
-    assert keys == {("full-data", "all", "full-data"), ("sfm", "1", "probe"), ("random-real", "1", "probe"),
-                    ("centroid", "1", "probe"), ("sfm", "2", "probe"), ("random-real", "2", "probe"),
-                    ("kmeans", "2", "probe"), ("sfm", "1", "inherit"), ("sfm", "2", "inherit")}
-    for r in rows:
+    assert keys == {("sfm", "1", "probe"), ("random-real", "1", "probe"), ("centroid", "1", "probe"),
+                    ("sfm", "2", "probe"), ("random-real", "2", "probe"), ("kmeans", "2", "probe")}
+    # the reference rows stand apart: no result of the distilled images
+    reference = parse_report_table((out / "report.md").read_text(), table="reference")
+    assert {(r["method"], r["ipc"], r["protocol"]) for r in reference} == {
+        ("full-data", "all", "full-data"), ("full-data head", "all", "inherit")}
+    assert [(r["method"], r["top1_mean"]) for r in reference] == [
+        (r["method"], round(r["top1_mean"], 2)) for r in result["reference_rows"]]
+    for r in rows + reference:
         assert set(r) == set(TABLE_COLUMNS)
         assert 0.0 <= r["top1_mean"] <= 100.0 and r["top1_mean"] <= r["top5_mean"] + 1e-9
         assert r["runs"] >= 1 and r["storage_bytes"] > 0
-    by = {(r["method"], r["ipc"], r["protocol"]): r for r in rows}
+    by = {(r["method"], r["ipc"], r["protocol"]): r for r in rows + reference}
     assert by[("sfm", "1", "probe")]["train_images"] == 10 and by[("sfm", "2", "probe")]["train_images"] == 20
     assert by[("full-data", "all", "full-data")]["train_images"] == 120  # 12 per class of the train split
     # classifier inheritance with the distillation backbone is the full-data head itself
     full = by[("full-data", "all", "full-data")]["top1_mean"]
-    assert by[("sfm", "1", "inherit")]["top1_mean"] == pytest.approx(full)
+    assert by[("full-data head", "all", "inherit")]["top1_mean"] == pytest.approx(full)
 
     report = json.loads((out / "report.json").read_text())
     assert report["rows"] == result["rows"] and report["preset"] == "tiny"
@@ -111,6 +116,10 @@ def test_table_round_trip_and_checks():
         parse_report_table("| a | b |\n|---|---|\n| 1 | 2 |\n")
     with pytest.raises(ValueError, match="not a number"):
         parse_report_table(text.replace("74.00", "n/a"))
+    with pytest.raises(ValueError, match="no accuracy table .reference"):
+        parse_report_table(text, table="reference")
+    both = text + "\n<!-- sfmkern:reference-table -->\n" + format_table(rows[:1]) + "\n"
+    assert parse_report_table(both) == rows and parse_report_table(both, table="reference") == rows[:1]
 
 
 def test_settings_presets_and_validation():

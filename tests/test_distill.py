@@ -19,7 +19,8 @@ import pytest
 import torch
 from conftest import tiny_backbone
 
-from sfmkern.distill import DistillConfig, DistilledSet, Distiller, distill, parse_bytes
+from sfmkern.distillation import DistillConfig, DistilledSet, Distiller, parse_bytes
+from sfmkern.pipeline import distill
 
 SMALL = {"syn_res": 32, "crop": 32}
 
@@ -211,7 +212,7 @@ def test_sigkill_then_resume_equals_uninterrupted(stats_file, stats, backbone, t
                   progress=False, **SMALL)
     script = tmp_path / "child.py"
     script.write_text(_CHILD_PRELUDE + textwrap.dedent(f"""
-        from sfmkern import distill as D
+        import sfmkern.distillation as D
         original = D.Distiller.forward_backward
         calls = [0]
         def killing(self, *args, **kw):
@@ -276,7 +277,7 @@ def _free_port() -> int:
 
 _DIST_CHILD = """
 import torch.distributed as dist
-from sfmkern.distill import Distiller, DistillConfig
+from sfmkern.distillation import Distiller, DistillConfig
 rank, port, out = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
 try:
@@ -397,7 +398,7 @@ def test_bad_inputs(stats, backbone, tmp_path):
 def test_nvtx_ranges_cover_the_step(stats, backbone, monkeypatch):
     import contextlib
 
-    import sfmkern.distill as distill_mod
+    import sfmkern.distillation.distiller as distill_mod
 
     seen = []
 

@@ -10,16 +10,16 @@ import pytest
 import torch
 from conftest import balanced_subset, fmnist_pair, seeded_backbone
 
-from sfmkern import evaluate as ev
-from sfmkern.baselines import select_random
-from sfmkern.evaluate import (
+from sfmkern.evaluation import (
     CPU_VIEW_BANK,
     LabelledImages,
     default_view_bank,
     evaluate,
     extract_features,
     fit_full_head,
+    heads,
 )
+from sfmkern.evaluation.baselines import select_random
 
 RES = dict(resize=36, crop=32)
 BASE = dict(epochs=2, runs=1, seed=0, view_bank=2, **RES)
@@ -49,13 +49,13 @@ def images(fmnist):
 def trainings(monkeypatch):
     """Counts the probe/projector trainings actually run."""
     calls = []
-    real = ev._probe.train_linear
+    real = heads.train_linear
 
     def spy(*args, **kwargs):
         calls.append(kwargs.get("desc"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ev._probe, "train_linear", spy)
+    monkeypatch.setattr(heads, "train_linear", spy)
     return calls
 
 
@@ -179,7 +179,7 @@ def test_cli_eval_reuses_and_flags(photo_folder, tmp_path, capsys):
     --fresh-views / --view-bank behave as documented."""
     from sfmkern.cli import main
     from sfmkern.data import ImageFolder
-    from sfmkern.distill import DistilledSet
+    from sfmkern.distillation import DistilledSet
 
     picked = select_random(ImageFolder(photo_folder), 1, seed=0, image_size=32)
     run_dir = tmp_path / "run"

@@ -13,10 +13,9 @@ import pytest
 import torch
 from conftest import balanced_subset
 
-from sfmkern import probe
 from sfmkern.backbone import load_backbone
-from sfmkern.baselines import full_data, select_random
-from sfmkern.evaluate import (
+from sfmkern.evaluation import (
+    REFERENCE_CAPTION,
     EvalReport,
     FeatureSet,
     LabelledImages,
@@ -28,6 +27,8 @@ from sfmkern.evaluate import (
     head_path_for,
     markdown_table,
 )
+from sfmkern.evaluation import heads as probe
+from sfmkern.evaluation.baselines import full_data, select_random
 
 RES = dict(resize=36, crop=32, progress=False)
 
@@ -64,7 +65,7 @@ def full_head(train_features, backbone_a):
 @pytest.fixture(scope="module")
 def distilled(fmnist):
     """A stand-in distilled set: real images, 4 per class, as a DistilledSet (what distill() returns)."""
-    from sfmkern.distill import DistilledSet
+    from sfmkern.distillation import DistilledSet
 
     picked = select_random(fmnist[0], 4, seed=3, image_size=40)
     return DistilledSet(picked.images, picked.labels, picked.classes, config={"ipc": 4}, stats_fingerprint="x")
@@ -201,6 +202,8 @@ def test_inherited_head_equals_full_data_probe(fmnist, backbone_a, train_feature
     clear_feature_cache()
     inherited = evaluate(None, backbone_a, test, mode="inherit", head=path, **RES)
     assert inherited.top1 == baseline.top1 and inherited.top5 == baseline.top5
+    # both are reference rows (upper bounds), never listed as a result of the images
+    assert inherited.kind == "reference" and baseline.kind == "reference"
     assert inherited.top1[0] > 25.0  # the full-data head of this random backbone does learn
     assert inherited.storage["head_bytes"] == 4 * (10 * backbone_a.feature_dim + 10)
     loaded = LinearHead.load(path, backbone=backbone_a)
@@ -223,6 +226,11 @@ def test_projector_beats_random_projector(fmnist, backbone_a, backbone_b, full_h
     assert faithful.protocol["total_steps"] == 4 and len(faithful.top1) == 1
     table = markdown_table([trained, faithful]).splitlines()
     assert len(table) == 4 and table[2].startswith("| inherit | inherit | test_efficientnet_ln | 5 | 2 |")
+    assert trained.kind == "result"  # cross-backbone inheritance is a result of the images (the projector)
+    same = evaluate(None, backbone_a, test, mode="inherit", head=full_head, **RES)
+    mixed = markdown_table([same, trained]).splitlines()  # the reference row goes below, in its own table
+    assert mixed[2].startswith("| inherit | inherit | test_efficientnet_ln |") and mixed[4] == REFERENCE_CAPTION
+    assert mixed[8].startswith("| inherit | inherit | test_convnext | 0 | 1 |") and len(mixed) == 9
 
 
 # ------------------------------------------------------------------------------------------------ mismatches

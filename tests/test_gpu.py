@@ -88,7 +88,7 @@ def _backbone(device: str):
 
 
 def _distiller(backbone, flow, **overrides):
-    from sfmkern.distill import DistillConfig, Distiller
+    from sfmkern.distillation import DistillConfig, Distiller
 
     cfg = DistillConfig(ipc=2, augs=3, grow_every=0, seed=5, chunk_size=7, noise_p=0.5, **SMALL, **overrides)
     return Distiller(flow.to(backbone.device), backbone, config=cfg)

@@ -168,8 +168,8 @@ def test_case2_full_tmpfs_no_sigbus(tmp_path, backbone):
 
 # ============================================================================ case 3: stale artefacts
 def test_case3_eval_inherit_refits_a_head_of_other_statistics_or_settings(capsys, photo_folder, tmp_path):
-    from sfmkern.distill import DistilledSet
-    from sfmkern.evaluate import LinearHead, head_path_for
+    from sfmkern.distillation import DistilledSet
+    from sfmkern.evaluation import LinearHead, head_path_for
 
     stats_file = tmp_path / "stats.safetensors"
     common_stats = ["--data", photo_folder, *TINY, *SIZE, "--out", stats_file, "--cache-features", "--quiet"]
@@ -201,13 +201,20 @@ def test_case3_eval_inherit_refits_a_head_of_other_statistics_or_settings(capsys
     assert run_cli(capsys, "stats", *[permuted if a == photo_folder else a for a in common_stats])[0] == 0
     new_stats = ClassStats.load(stats_file)
     assert new_stats.fingerprint != stats.fingerprint
+    stale = tmp_path / "stale.head.safetensors"
+    shutil.copy(head_file, stale)  # the head of the old statistics, kept under another name
     rc, _, err = run_cli(capsys, *evaluate[:-1], "3", "--seed", "5")
     assert rc == 0 and "fitted on other statistics" in err
     assert LinearHead.load(head_file).stats_fingerprint == new_stats.fingerprint
+    # an explicit --head of the old statistics is refused, in one line naming the file, never scored
+    rc, out, err = run_cli(capsys, *evaluate[:-1], "3", "--seed", "5", "--head", stale)
+    assert rc == 1 and not out, (rc, out, err)
+    assert str(stale) in err and "fitted on statistics" in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_case3_distill_refuses_a_checkpoint_past_steps_and_says_reuse(backbone, capsys, tmp_path):
-    from sfmkern.distill import DistilledSet, distill
+    from sfmkern.distillation import DistilledSet
+    from sfmkern.pipeline import distill
 
     torch.manual_seed(0)
     flow_stats = ClassStats(torch.randn(3, backbone.feature_dim), torch.tensor([4, 4, 4]), ["a", "b", "c"],
@@ -286,7 +293,7 @@ def test_case4_second_writer_of_the_same_out_gets_one_line_error(photo_folder, b
 def test_case4_second_distill_into_the_same_folder_gets_one_line_error(backbone, tmp_path):
     import fcntl
 
-    from sfmkern.distill import distill
+    from sfmkern.pipeline import distill
 
     flow = torch.randn(3, backbone.feature_dim)
     run = tmp_path / "run"
@@ -501,14 +508,14 @@ def test_case7_config_float_for_an_int_option_is_an_error(capsys, tmp_path):
                                          ("noise_p", float("nan")), ("lr", float("nan")),
                                          ("ratio", (0.75, float("inf")))])
 def test_case7_nan_and_inf_hyper_parameters_are_rejected(field, value):
-    from sfmkern.distill import DistillConfig
+    from sfmkern.distillation import DistillConfig
 
     with pytest.raises(ValueError, match=field):
         DistillConfig(**{field: value})
 
 
 def test_case7_syn_res_smaller_than_crop_is_rejected():
-    from sfmkern.distill import DistillConfig
+    from sfmkern.distillation import DistillConfig
 
     with pytest.raises(ValueError, match=r"crop \(224\) must be <= syn_res \(128\)"):
         DistillConfig(syn_res=128, crop=224)
@@ -550,7 +557,7 @@ def test_case7_stray_temporary_files_of_a_killed_write_are_cleaned(photo_folder,
     assert int(stats.counts.sum()) == 10
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
     # a killed distillation checkpoint write: cleaned when the next run takes the folder
-    from sfmkern.distill import distill
+    from sfmkern.pipeline import distill
 
     run = tmp_path / "run"
     run.mkdir()

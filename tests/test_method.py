@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from sfmkern import realdata
-from sfmkern.distill import PAPER_SCHEDULE, DistillConfig, Distiller, distill, paper_schedule
+from sfmkern.distillation import CONFIG_FIELDS, PAPER_SCHEDULE, DistillConfig, Distiller, paper_schedule, realdata
+from sfmkern.pipeline import distill
 from sfmkern.synthetic import SyntheticImages, decode, encode, level_sizes
 
 SMALL = {"syn_res": 32, "crop": 32}
@@ -127,27 +127,57 @@ def test_bad_method_options():
 
 
 def test_defaults_agree_across_config_function_and_cli():
+    """DistillConfig is the one source: distill()'s signature and the CLI flags are derived from it, and a run with
+    no option gets the dataclass's defaults through either door; stats and eval flags read the API's defaults."""
+    import dataclasses
     import inspect
 
-    from sfmkern.cli import build_parser
+    import sfmkern
+    from sfmkern.cli import build_parser, distill_settings
+    from sfmkern.evaluation import evaluate, fit_full_head
+    from sfmkern.stats import collect_stats
 
     config = DistillConfig()
-    params = inspect.signature(distill).parameters
-    for name in ("lr", "grow_every", "init", "objective", "anchor_weight", "anchor_target", "anchor_images",
-                 "anchor_views", "subcentres", "scale", "steps", "ipc"):
-        assert params[name].default == getattr(config, name), name
-    args = build_parser().parse_args(["distill", "--stats", "s.safetensors", "--backbone", "b", "--out-dir", "o"])
-    assert args.lr is None and args.grow_every is None and args.init is None and args.objective is None
-    assert (args.anchor_weight, args.anchor_target, args.anchor_images, args.anchor_views) == (
-        config.anchor_weight, config.anchor_target, config.anchor_images, config.anchor_views)
-    assert args.scale_min == config.scale[0] and not args.no_subcentres and not args.paper
+    for fn in (sfmkern.distill, sfmkern.distillation.distill):
+        params = inspect.signature(fn).parameters
+        for f in dataclasses.fields(DistillConfig):
+            assert params[f.name].default == getattr(config, f.name), (fn, f.name)
+    parser = build_parser()
+    args = parser.parse_args(["distill", "--stats", "s.safetensors", "--backbone", "b", "--out-dir", "o"])
+    assert distill_settings(args) == {} and DistillConfig(**distill_settings(args)) == config
+    flags = {a.dest: a for a in parser._subparsers._group_actions[0].choices["distill"]._actions}
+    for f in dataclasses.fields(DistillConfig):
+        if f.metadata["flag"] is None:
+            continue
+        dest = (f.metadata["flag"] or f.name).lstrip("-").replace("-", "_")
+        shown = f.default[0] if isinstance(f.default, tuple) else f.default
+        assert dest in flags and (isinstance(shown, bool) or f"(default {shown})" in flags[dest].help), f.name
+    # every flag given, each to a non-default value, arrives in the config
+    given = parser.parse_args(["distill", "--stats", "s", "--backbone", "b", "--out-dir", "o", "--ipc", "3",
+                               "--steps", "7", "--lr", "0.5", "--flip-p", "0.25", "--scale-min", "0.3",
+                               "--no-subcentres", "--init", "noise", "--max-memory", "1GiB"])
+    cfg = DistillConfig(**distill_settings(given))
+    assert (cfg.ipc, cfg.steps, cfg.lr, cfg.flip_p, cfg.scale, cfg.subcentres, cfg.init, cfg.max_memory) == (
+        3, 7, 0.5, 0.25, (0.3, 1.0), False, "noise", 2**30)
+    assert inspect.signature(sfmkern.distill).parameters["mode"].default == args.mode
+    for command, fn, pairs in (
+            ("stats", collect_stats, (("resize", "resize"), ("crop", "crop"), ("batch_size", "batch_size"),
+                                      ("checkpoint_every", "checkpoint_every"))),
+            ("eval", evaluate, (("epochs", "epochs"), ("runs", "runs"), ("seed", "seed"), ("resize", "resize"),
+                                ("crop", "crop"), ("batch_size", "feature_batch"), ("mode", "mode"))),
+            ("eval", fit_full_head, (("head_epochs", "epochs"),)),
+            ("plan", sfmkern.plan, (("ipc", "ipc"), ("augs", "augs"), ("mode", "mode")))):
+        parsed = vars(parser.parse_args([command]))
+        params = inspect.signature(fn).parameters
+        for dest, name in pairs:
+            assert parsed[dest] == params[name].default, (command, dest)
     assert (config.init, config.objective, config.effective_lr, config.effective_grow_every) == ("real", "sfm", 2e-3, 0)
 
 
 def test_cli_paper_flag_and_method_options(monkeypatch, tmp_path):
     import sfmkern.cli as cli
-    import sfmkern.distill as distill_mod
-    from sfmkern.distill import DistilledSet
+    import sfmkern.pipeline as distill_mod
+    from sfmkern.distillation import DistilledSet
 
     (tmp_path / "s.safetensors").write_bytes(b"x")
     seen = []
@@ -168,5 +198,6 @@ def test_cli_paper_flag_and_method_options(monkeypatch, tmp_path):
     assert (seen[-1]["lr"], seen[-1]["objective"], seen[-1]["grow_every"], seen[-1]["anchor_weight"],
             seen[-1]["scale"]) == (0.01, "anchored", 200, 2.0, (0.5, 1.0))
     assert cli.main([*base, "--out-dir", str(tmp_path / "c")]) == 0
-    assert (seen[-1]["lr"], seen[-1]["grow_every"], seen[-1]["init"], seen[-1]["objective"],
-            seen[-1]["subcentres"]) == (None, None, "real", "sfm", True)
+    config = DistillConfig(**{k: v for k, v in seen[-1].items() if k in CONFIG_FIELDS})  # no flag: the defaults
+    assert (config.lr, config.grow_every, config.init, config.objective, config.subcentres) == (
+        None, None, "real", "sfm", True)

@@ -14,7 +14,7 @@ import torch
 from conftest import tiny_backbone
 
 import sfmkern
-from sfmkern.distill import DistillConfig, Distiller
+from sfmkern.distillation import DistillConfig, Distiller
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "vit_tiny_patch16_224"

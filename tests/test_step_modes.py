@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sfmkern import ops
-from sfmkern.distill import DistillConfig, Distiller, chunk_for_budget, own_bytes_max
+from sfmkern.distillation import DistillConfig, Distiller, chunk_for_budget, own_bytes_max
 
 SMALL = {"syn_res": 32, "crop": 32}
 

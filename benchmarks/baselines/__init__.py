@@ -2,7 +2,7 @@
 
 `lgm.lgm_forward_backward`: one Linear Gradient Matching step as its public code runs it.
 `public_sfm.public_sfm_forward_backward`: one step of the public SFM code (all views in one autograd batch).
-Both run on a `sfmkern.distill.Distiller`'s own images, views and optimiser, so that only the way the step is
+Both run on a `sfmkern.distillation.Distiller`'s own images, views and optimiser, so that only the way the step is
 computed differs from sfmkern's. Imported by benchmarks/memory.py, benchmarks/runtime.py and
 tests/test_benchmark_baselines.py (with benchmarks/ on sys.path).
 """

@@ -66,7 +66,8 @@ def lgm_forward_backward(distiller, real_images: torch.Tensor, real_labels: torc
                          return_parts: bool = False):
     """One LGM step's forward and backward on `distiller`'s images; leaves dL/dlevel in each level's `.grad`.
 
-    distiller: a single-process `sfmkern.distill.Distiller` (its images, config, view labels and backbone are used).
+    distiller: a single-process `sfmkern.distillation.Distiller` (its images, config, view labels and backbone are
+    used).
     real_images: [C·ipc·A, 3, H, W] float in [0, 1] on the device (the loader batch); real_labels: [C·ipc·A] int64.
     syn_views / real_views: augmentation draws (default: `distiller.draw_views()` and one draw per real image from
     `generator`). head: (weight [C, D], bias [C]) leaves, default `new_head(..., generator=generator)`.

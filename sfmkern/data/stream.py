@@ -15,7 +15,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from sfmkern.data._ext import check_sizes, make_decoder
+from sfmkern.data._ext import DEFAULT_MAX_PIXELS, check_sizes, make_decoder
 from sfmkern.data.sources import Source, _normalise_indices
 
 
@@ -190,8 +190,6 @@ def stream(
     Returns an iterator of `Batch(images uint8 [B, crop, crop, 3], labels int64 [B], indices int64 [B], position)`;
     after exhaustion its `.report` is a `StreamReport(skipped=[(index, name, reason)], class_counts int64 [C])`.
     """
-    from sfmkern.data._ext import DEFAULT_MAX_PIXELS
-
     return StreamIterator(
         source,
         batch_size=batch_size,

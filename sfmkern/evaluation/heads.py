@@ -1,26 +1,36 @@
-"""The linear-probe trainer of the evaluation protocol, on feature tensors (no backbone, no images here).
+"""Linear heads: the trainer of every linear model of the protocol (the probe head on a set, the full-data head of
+classifier inheritance, the B->A projector), the full-data head (`fit_full_head`) and the one rule for reusing a
+saved one (`load_or_fit_head`).
 
-One loop serves the three trainings of `sfmkern.evaluate`: the probe head on distilled images, the full-data head of
-classifier inheritance, and the B->A feature projector. Each step takes a batch of sample indices from a per-epoch
-random permutation (the last batch of an epoch may be short), asks `batch_fn` for (inputs, targets), and takes one
-Adam step; the learning rate follows a cosine curve over all steps and the model is trained to the end (never
-selected on anything). Learning rates scale with the batch: lr = base_lr * batch / 256.
+One loop serves the three trainings. Each step takes a batch of sample indices from a per-epoch random permutation
+(the last batch of an epoch may be short), asks `batch_fn` for (inputs, targets), and takes one Adam step; the
+learning rate follows a cosine curve over all steps and the model is trained to the end (never selected on
+anything). Learning rates scale with the batch: lr = base_lr * batch / 256.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import os
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from sfmkern._nvtx import nvtx_range
+from sfmkern.artifacts import LinearHead, check_classes
+from sfmkern.artifacts._files import short
+from sfmkern.evaluation.features import derived_generator, train_features
+
 PROBE_BASE_LR = 1e-3  # linear heads (probe and full-data head): lr = 1e-3 * batch / 256
 PROJECTOR_BASE_LR = 1e-2  # B->A projector of classifier inheritance: lr = 1e-2 * batch / 256
 PROBE_MAX_BATCH = 100  # batch = min(100, N) for the probe on distilled images
 HEAD_INIT_STD = 0.01  # head weights ~ N(0, 0.01^2), bias 0
+FULL_HEAD_EPOCHS = 10  # epochs of the full-data head (the paper's code): fit_full_head, load_or_fit_head, the CLI
 
 
 @dataclass(frozen=True)
@@ -171,3 +181,103 @@ def accuracy(
         for i, k in enumerate(ks):
             correct[i] += topk_correct(logits, y, k)
     return tuple(100.0 * c / features.shape[0] for c in correct)
+
+
+# ------------------------------------------------------------------------------------------------ full-data head
+def fit_full_head(
+    stats_or_features,
+    backbone=None,
+    *,
+    classes: Sequence[str] | None = None,
+    epochs: int = FULL_HEAD_EPOCHS,
+    batch_size: int = 256,
+    seed: int = 0,
+    device=None,
+    out: str | os.PathLike | None = None,
+    resize: int = 256,
+    crop: int = 224,
+    feature_batch: int = 256,
+    progress: bool = True,
+) -> LinearHead:
+    """Fit the full-data linear head of classifier inheritance (also the full-data probe baseline).
+
+    stats_or_features: ClassStats collected with cache_features=True (its cached features), a FeatureSet,
+    a (features [N, D], labels [N]) tuple (then backbone= and classes= are required), or a data source (streamed
+    through backbone= with Resize `resize` / CenterCrop `crop`). Training: head N(0, 0.01^2) / bias 0, batch
+    min(batch_size, N), Adam lr 1e-3 * batch / 256 without weight decay, cosine over `epochs` epochs (10 by default,
+    as the paper's code), no augmentation (the features are fixed). The head records the backbone fingerprint;
+    `out` (e.g. `head_path_for(stats_path)`, beside the statistics) saves it atomically.
+    """
+    train, stats_fp = train_features(
+        stats_or_features, backbone, classes=classes, resize=resize, crop=crop, feature_batch=feature_batch,
+        progress=progress,
+    )
+    feats, labels, classes_ = train.features, train.labels, train.classes
+    bname, bfp = train.backbone_name, train.backbone_fingerprint
+    if classes is not None:
+        check_classes("classes=", classes, "training features", classes_)
+    if device is None:
+        device = backbone.device if backbone is not None else torch.device("cpu")
+    device = torch.device(device)
+    schedule = ProbeSchedule.create(len(labels), epochs, base_lr=PROBE_BASE_LR, max_batch=batch_size)
+    gen = derived_generator(seed, "full-head")
+    head = linear_head(feats.shape[1], len(classes_), generator=gen, device=device)
+
+    def batch_fn(idx):
+        return feats.index_select(0, idx).to(device, torch.float32), labels.index_select(0, idx).to(device)
+
+    t0 = time.perf_counter()
+    with nvtx_range("evaluate/train"):
+        result = train_linear(head, batch_fn, schedule, loss="ce", generator=gen, progress=progress,
+                              desc="full-data head")
+    config = {
+        "epochs": epochs, "seed": seed, "train_samples": len(labels), "optimizer": "Adam(weight_decay=0)",
+        "schedule": "cosine", **{k: v for k, v in schedule.to_dict().items() if k not in ("epochs", "num_samples")},
+        "last_loss": result.last_loss, "train_s": round(time.perf_counter() - t0, 3),
+    }
+    fitted = LinearHead(head.weight.detach().cpu(), head.bias.detach().cpu(), classes_, bname, bfp, stats_fp,
+                        config)
+    if out is not None:
+        fitted.save(out)
+    return fitted
+
+
+def head_reuse_problem(head: LinearHead, stats, *, epochs: int, seed: int) -> str:
+    """Why a saved full-data head cannot stand for `fit_full_head(stats, epochs=epochs, seed=seed)` ('' when it
+    can): fitted on other statistics (fingerprint), for another number of epochs or with another seed."""
+    problems = []
+    if head.stats_fingerprint != getattr(stats, "fingerprint", None):
+        problems.append(f"it was fitted on other statistics ({short(head.stats_fingerprint)}, these are "
+                        f"{short(getattr(stats, 'fingerprint', None))})")
+    for key, value in (("epochs", epochs), ("seed", seed)):
+        if head.config.get(key) != value:
+            problems.append(f"{key}={head.config.get(key)!r} was used, {key}={value!r} is asked")
+    return "; ".join(problems)
+
+
+def load_or_fit_head(stats, backbone, path: str | os.PathLike | None = None, *, epochs: int = FULL_HEAD_EPOCHS,
+                     seed: int = 0, fresh: bool = False, progress: bool = True, log=None) -> LinearHead:
+    """The full-data head of `stats` (ClassStats collected with cache_features=True) on `backbone`, the one rule for
+    the CLI, the demo and the API: the head saved at `path` is reused only if it was fitted on this backbone, on
+    these statistics (fingerprint), with these `epochs` and this `seed`; anything else (or `fresh=True`, or a
+    missing or unreadable file) fits it anew with `fit_full_head` and saves it at `path` (None: not saved).
+    `log(message)`, if given, hears one line saying which and why."""
+    say = log or (lambda _message: None)
+    if stats is None or not hasattr(stats, "fingerprint"):
+        raise TypeError(f"load_or_fit_head needs ClassStats, got {type(stats).__name__}")
+    stats.check_compatible(backbone=backbone)
+    path = None if path is None else Path(path)
+    if path is not None and path.is_file() and not fresh:
+        try:
+            head = LinearHead.load(path, backbone=backbone)
+            problem = head_reuse_problem(head, stats, epochs=epochs, seed=seed)
+        except ValueError as exc:  # another backbone's or a torn head: refitted
+            problem = " ".join(str(exc).split())
+        if not problem:
+            say(f"reusing the full-data head {path} (fitted on these statistics, {epochs} epochs, seed {seed})")
+            return head
+        say(f"refitting the full-data head {path}: {problem}")
+    head = fit_full_head(stats, backbone, epochs=epochs, seed=seed, out=path, progress=progress)
+    if path is not None:
+        say(f"full-data head fitted ({epochs} epochs) -> {path}")
+    return head

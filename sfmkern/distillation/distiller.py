@@ -25,166 +25,27 @@ are all-reduced, so every rank computes the same L and G and updates its own ima
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
-import math
 import os
-import re
-import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from sfmkern import _io, _threads, augment
-from sfmkern._callable import make_module_callable
+from sfmkern import _io, augment, ops
 from sfmkern._nvtx import nvtx_range
-from sfmkern.synthetic import PARAMETERISATIONS, SyntheticImages, decode, level_sizes
-
-MODES = ("auto", "single", "two_phase", "lagged")
-_CPU_DEFAULT_CHUNK = 256  # views per chunk on CPU when no memory budget is given
-_MIN_PLAIN_CHUNK = 8  # fewer views per chunk of plain autograd than this: checkpointing (larger chunks) instead
-_PROBE_TRANSIENT = 1.5  # activation bytes per view = bytes saved for backward × this (transients of the backward)
-_CHECKPOINT_FORMAT = "sfmkern.distill.checkpoint/1"
-_DISTILLED_FORMAT = "sfmkern.DistilledSet/1"
-# Config fields that change the trajectory: a checkpoint written under other values cannot be resumed.
-_TRAJECTORY_FIELDS = ("ipc", "augs", "lr", "syn_res", "crop", "seed", "grow_every", "param", "noise_std", "noise_p",
-                      "noise_mean", "flip_p", "scale", "ratio", "init", "objective", "anchor_weight", "anchor_target",
-                      "anchor_images", "anchor_views", "subcentres")
-INITS = ("real", "noise")
-OBJECTIVES = ("anchored", "sfm")
-ANCHOR_TARGETS = ("augmented", "centred")
-# The paper's schedule (Xia et al., 5000-step GPU runs): `paper_schedule()` gives these as distill() keywords.
-PAPER_SCHEDULE = {"lr": 2e-3, "grow_every": 200, "steps": 5000, "init": "noise", "objective": "sfm",
-                  "subcentres": False}
-# Default lr when `lr=None`, by start (calibration in docs/distill.md).
-DEFAULT_LR = {"noise": 1e-2, "real": 2e-3}
-
-
-@dataclass
-class DistillConfig:
-    """Hyper-parameters of a distillation run (defaults: the code behind the paper's numbers).
-
-    noise_mean: mean of the Gaussian noise added (with probability `noise_p`) to an augmented view: 0.5 in the code
-    behind the published SFM numbers, 0.0 in LGM's later fix. chunk_size: views per chunk of the two-phase step
-    (None: from `max_memory`, free device memory, or 256 on CPU). max_memory: bytes (int) or a string such as
-    "8GiB" bounding this process's device memory. grow_every: pyramid growth interval in steps (0: all levels at once).
-    """
-
-    ipc: int = 1
-    steps: int = 5000
-    augs: int = 1
-    lr: float | None = None
-    syn_res: int = 256
-    crop: int = 224
-    seed: int = 0
-    grow_every: int | None = None
-    param: str = "pyramid"
-    noise_std: float = 0.2
-    noise_p: float = 0.5
-    noise_mean: float = 0.5
-    flip_p: float = 0.5
-    scale: tuple[float, float] = (0.08, 1.0)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    chunk_size: int | None = None
-    max_memory: int | str | None = None
-    checkpoint_every: int = 100
-    log_every: int = 10
-    init: str = "real"
-    objective: str = "sfm"
-    anchor_weight: float = 10.0
-    anchor_target: str = "augmented"
-    anchor_images: int = 64
-    anchor_views: int = 4
-    subcentres: bool = True
-
-    @property
-    def effective_lr(self) -> float:
-        """`lr`, or when None the default for the start (`DEFAULT_LR[init]`)."""
-        return float(self.lr) if self.lr is not None else DEFAULT_LR[self.init]
-
-    @property
-    def effective_grow_every(self) -> int:
-        """`grow_every`, or when None the schedule derived from `steps`: every level from step 0 (0)."""
-        return int(self.grow_every) if self.grow_every is not None else 0
-
-    def __post_init__(self):
-        self.scale = tuple(float(v) for v in self.scale)
-        self.ratio = tuple(float(v) for v in self.ratio)
-        for name in ("ipc", "steps", "augs", "syn_res", "crop", "checkpoint_every", "log_every", "anchor_images",
-                     "anchor_views"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < (0 if name == "steps"
-                                                                                               else 1):
-                raise ValueError(f"DistillConfig.{name} must be a positive int (steps: >= 0), got {value!r}")
-        if self.grow_every is not None and not (isinstance(self.grow_every, int) and self.grow_every >= 0):
-            raise ValueError(f"DistillConfig.grow_every must be None or an int >= 0, got {self.grow_every!r}")
-        for name, allowed in (("init", INITS), ("objective", OBJECTIVES), ("anchor_target", ANCHOR_TARGETS)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"DistillConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if not (math.isfinite(self.anchor_weight) and self.anchor_weight >= 0):
-            raise ValueError(f"DistillConfig.anchor_weight must be a finite float >= 0, got {self.anchor_weight!r}")
-        if self.param not in PARAMETERISATIONS:
-            raise ValueError(f"DistillConfig.param must be one of {PARAMETERISATIONS}, got {self.param!r}")
-        self._check_finite()
-        if self.crop > self.syn_res:
-            raise ValueError(f"DistillConfig: crop ({self.crop}) must be <= syn_res ({self.syn_res}): views are cut "
-                             "from the synthetic images, so they cannot be larger than them")
-        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"DistillConfig.lr must be a positive finite float, got {self.lr!r}")
-        for name in ("noise_p", "flip_p"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"DistillConfig.{name} must be in [0, 1], got {getattr(self, name)!r}")
-        if self.noise_std < 0:
-            raise ValueError(f"DistillConfig.noise_std must be >= 0, got {self.noise_std!r}")
-        if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1] <= 1:
-            raise ValueError(f"DistillConfig.scale must be (lo, hi) with 0 < lo <= hi <= 1, got {self.scale!r}")
-        if len(self.ratio) != 2 or not 0 < self.ratio[0] <= self.ratio[1]:
-            raise ValueError(f"DistillConfig.ratio must be (lo, hi) with 0 < lo <= hi, got {self.ratio!r}")
-        if self.chunk_size is not None and (not isinstance(self.chunk_size, int) or self.chunk_size < 1):
-            raise ValueError(f"DistillConfig.chunk_size must be a positive int or None, got {self.chunk_size!r}")
-        if self.max_memory is not None:
-            self.max_memory = parse_bytes(self.max_memory)
-
-    def _check_finite(self) -> None:
-        """Every float hyper-parameter is a real finite number (NaN compares false everywhere and would silently
-        disable a check or a feature, e.g. noise_std=nan)."""
-        for name in ("lr", "noise_std", "noise_p", "noise_mean", "flip_p", "anchor_weight"):
-            value = getattr(self, name)
-            if name == "lr" and value is None:  # None: the default for the start (DEFAULT_LR)
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-                raise TypeError(f"DistillConfig.{name} must be a number, got {value!r}")
-            if not math.isfinite(float(value)):
-                raise ValueError(f"DistillConfig.{name} must be finite, got {value!r}")
-        for name in ("scale", "ratio"):
-            if not all(math.isfinite(v) for v in getattr(self, name)):
-                raise ValueError(f"DistillConfig.{name} must be finite, got {getattr(self, name)!r}")
-
-    def to_dict(self) -> dict:
-        out = dataclasses.asdict(self)
-        out["scale"], out["ratio"] = list(self.scale), list(self.ratio)
-        return out
-
-
-def parse_bytes(value: int | str) -> int:
-    """8 * 2**30, "8GiB", "8 GB", "512MiB" -> bytes (binary and decimal units)."""
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        if value <= 0:
-            raise ValueError(f"max_memory must be positive, got {value}")
-        return int(value)
-    if isinstance(value, str):
-        m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(i?)B?\s*", value, flags=re.IGNORECASE)
-        if m:
-            base = 1024 if m.group(3) or not m.group(2) else 1000
-            power = "KMGT".find(m.group(2).upper()) + 1 if m.group(2) else 0
-            number = float(m.group(1))
-            if number > 0:
-                return int(number * base**power)
-    raise ValueError(f"max_memory must be a positive number of bytes or a string like '8GiB', got {value!r}")
+from sfmkern.artifacts import DistilledSet
+from sfmkern.distillation.config import (
+    CHECKPOINT_FORMAT,
+    CPU_DEFAULT_CHUNK,
+    MODES,
+    PROBE_TRANSIENT,
+    TRAJECTORY_FIELDS,
+    DistillConfig,
+    chunk_for_budget,
+    own_bytes_max,
+)
+from sfmkern.synthetic import SyntheticImages, decode
 
 
 def _dist_info() -> tuple[int, int]:
@@ -202,118 +63,8 @@ def _shard(num_images: int, rank: int, world: int) -> tuple[int, int]:
     return rank * num_images // world, (rank + 1) * num_images // world
 
 
-def own_bytes_max(num_images: int, syn_res: int, param: str = "pyramid") -> int:
-    """Bytes of `num_images` images at full pyramid with gradients and Adam m and v (4 fp32 copies)."""
-    sizes = [syn_res] if param == "pixels" else level_sizes(syn_res)
-    return 4 * 4 * num_images * 3 * sum(s * s for s in sizes)
-
-
-def chunk_for_budget(budget: float, bytes_per_view, num_views: int) -> tuple[int, bool]:
-    """(views per chunk, activation checkpointing?) for an activation budget in bytes. `bytes_per_view(checkpointing)`
-    gives the activation bytes of one view. Plain autograd when a chunk of min(_MIN_PLAIN_CHUNK, num_views) views
-    fits (the recomputation of checkpointing costs a forward); else the chunk that checkpointing allows."""
-    plain = bytes_per_view(False)
-    chunk = int(budget // plain)
-    if chunk >= min(_MIN_PLAIN_CHUNK, num_views):
-        return max(1, chunk), False
-    return max(1, int(budget // bytes_per_view(True))), True
-
-
 def _to_uint8(images: torch.Tensor) -> torch.Tensor:
     return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
-
-
-# ------------------------------------------------------------------------------------------------------ DistilledSet
-@dataclass
-class DistilledSet:
-    """The distilled images: `images` uint8 [C·ipc, 3, H, W] (class-major: image i has label i // ipc), `labels`
-    int64 [C·ipc], `classes` (names), `config` (the run's DistillConfig as a dict plus backbone details) and
-    `stats_fingerprint` (the real statistics the images were matched to)."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    classes: list[str]
-    config: dict = field(default_factory=dict)
-    stats_fingerprint: str = ""
-
-    def __post_init__(self):
-        if not isinstance(self.images, torch.Tensor) or self.images.dtype != torch.uint8:
-            raise TypeError(f"DistilledSet.images must be a uint8 tensor, got {getattr(self.images, 'dtype', None)}")
-        if self.images.dim() != 4 or self.images.shape[1] != 3:
-            raise ValueError(f"DistilledSet.images must be [N, 3, H, W], got {tuple(self.images.shape)}")
-        self.labels = torch.as_tensor(self.labels, dtype=torch.int64).cpu()
-        if tuple(self.labels.shape) != (self.images.shape[0],):
-            raise ValueError(f"DistilledSet.labels must be [{self.images.shape[0]}], got {tuple(self.labels.shape)}")
-        self.classes = [str(c) for c in self.classes]
-        if len(self.labels) and (int(self.labels.min()) < 0 or int(self.labels.max()) >= len(self.classes)):
-            raise ValueError(f"DistilledSet.labels must lie in [0, {len(self.classes)}), got "
-                             f"[{int(self.labels.min())}, {int(self.labels.max())}]")
-        self.images = self.images.cpu().contiguous()
-
-    def __len__(self) -> int:
-        return int(self.images.shape[0])
-
-    def float_images(self) -> torch.Tensor:
-        """[N, 3, H, W] float32 in [0, 1]."""
-        return self.images.float() / 255.0
-
-    def save(self, path: str | os.PathLike) -> Path:
-        """Atomically write safetensors (images, labels) with JSON metadata (classes, config, fingerprint)."""
-        meta = {"format": _DISTILLED_FORMAT, "classes": self.classes, "config": self.config,
-                "stats_fingerprint": self.stats_fingerprint}
-        return _io.save_tensors(path, {"images": self.images, "labels": self.labels}, meta)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> DistilledSet:
-        tensors, meta = _io.load_tensors(path)
-        if meta.get("format") != _DISTILLED_FORMAT or "images" not in tensors or "labels" not in tensors:
-            raise ValueError(f"{path}: not a DistilledSet file (format {meta.get('format')!r})")
-        return cls(tensors["images"], tensors["labels"], meta["classes"], meta.get("config", {}),
-                   meta.get("stats_fingerprint", ""))
-
-    def _file_stem(self, label: int) -> str:
-        name = re.sub(r"[^A-Za-z0-9._-]+", "_", self.classes[label]).strip("._") or f"class{label}"
-        return name
-
-    def to_image_folder(self, path: str | os.PathLike) -> Path:
-        """Write one PNG per image as `path/<class name>/<class name>_<k>.png` (an ImageFolder other tools read)."""
-        from PIL import Image
-
-        root = Path(path)
-        seen: dict[int, int] = {}
-        for i in range(len(self)):
-            label = int(self.labels[i])
-            k = seen.get(label, 0)
-            seen[label] = k + 1
-            folder = root / self._file_stem(label)
-            folder.mkdir(parents=True, exist_ok=True)
-            array = self.images[i].permute(1, 2, 0).numpy()
-            out = folder / f"{self._file_stem(label)}_{k:04d}.png"
-            _io.atomic_write(out, lambda tmp, a=array: Image.fromarray(a).save(tmp, format="PNG"))
-        return root
-
-    def grid(self, path: str | os.PathLike, *, max_side: int = 8192) -> Path:
-        """One PNG of every image: a row per class (its name on the left), its images side by side."""
-        from PIL import Image, ImageDraw
-
-        num_classes = len(self.classes)
-        per_class = [torch.nonzero(self.labels == c).flatten().tolist() for c in range(num_classes)]
-        cols = max(1, max(len(p) for p in per_class))
-        height, width = self.images.shape[2], self.images.shape[3]
-        cell = max(8, min(height, max_side // max(cols, num_classes, 1)))
-        cell_w = max(8, round(cell * width / height))
-        label_w = 8 + 6 * min(24, max(len(c) for c in self.classes))
-        canvas = Image.new("RGB", (label_w + cols * (cell_w + 2), num_classes * (cell + 2)), (255, 255, 255))
-        draw = ImageDraw.Draw(canvas)
-        for c, rows in enumerate(per_class):
-            y = c * (cell + 2)
-            draw.text((4, y + max(0, cell // 2 - 5)), self.classes[c][:24], fill=(0, 0, 0))
-            for j, i in enumerate(rows):
-                tile = Image.fromarray(self.images[i].permute(1, 2, 0).numpy())
-                if tile.size != (cell_w, cell):
-                    tile = tile.resize((cell_w, cell), Image.BILINEAR)
-                canvas.paste(tile, (label_w + j * (cell_w + 2), y))
-        return _io.atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"))
 
 
 # --------------------------------------------------------------------------------------------------------- Distiller
@@ -330,8 +81,6 @@ class Distiller:
     def __init__(self, real_flow_or_stats, backbone, *, classes=None, config: DistillConfig | None = None,
                  device=None, init_images: torch.Tensor | None = None, targets: torch.Tensor | None = None,
                  anchor: torch.Tensor | None = None):
-        from sfmkern import ops
-
         self.ops = ops
         self.config = config if config is not None else DistillConfig()
         if not isinstance(self.config, DistillConfig):
@@ -546,13 +295,13 @@ class Distiller:
     def resolve_chunk_size(self) -> int:
         """Views per chunk: `config.chunk_size`, else from the activation budget (`activation_budget`) and activation
         bytes per view measured by a probe forward (`chunk_for_budget`: plain autograd when a chunk of
-        `_MIN_PLAIN_CHUNK` views fits, else activation checkpointing), else 256 on CPU. Never more than this rank's
+        `MIN_PLAIN_CHUNK` views fits, else activation checkpointing), else 256 on CPU. Never more than this rank's
         views. Sets `self.checkpointing`."""
         if self.chunk_size is not None:
             return min(self.chunk_size, self.num_views)
         budget = self.activation_budget()
         if budget is None:
-            chunk, self.checkpointing = _CPU_DEFAULT_CHUNK, False
+            chunk, self.checkpointing = CPU_DEFAULT_CHUNK, False
         else:
             chunk, self.checkpointing = chunk_for_budget(budget, self._probe_bytes_per_view, self.num_views)
         self.chunk_size = max(1, min(chunk, self.num_views))
@@ -579,7 +328,7 @@ class Distiller:
             images, _ = self._render_leaves(lo, hi)
             feats = self.backbone.features(self._augment(images, part))
         del feats, images
-        return _PROBE_TRANSIENT * max(sum(seen.values()), 1) / k
+        return PROBE_TRANSIENT * max(sum(seen.values()), 1) / k
 
     def resolve_mode(self, mode: str = "auto") -> str:
         if mode not in MODES:
@@ -752,7 +501,7 @@ class Distiller:
     def _identity(self) -> dict:
         cfg = self.config.to_dict()
         return {
-            "config": {k: cfg[k] for k in _TRAJECTORY_FIELDS},
+            "config": {k: cfg[k] for k in TRAJECTORY_FIELDS},
             "num_classes": self.num_classes,
             "stats_fingerprint": self.stats_fingerprint,
             "backbone_fingerprint": getattr(self.backbone, "fingerprint", ""),
@@ -773,14 +522,14 @@ class Distiller:
             for key in ("exp_avg", "exp_avg_sq", "step"):
                 if key in state:
                     tensors[f"adam_{key}{k}"] = torch.as_tensor(state[key]).detach()
-        meta = {"format": _CHECKPOINT_FORMAT, "step": self.step_count, "num_levels": self.images.num_levels,
+        meta = {"format": CHECKPOINT_FORMAT, "step": self.step_count, "num_levels": self.images.num_levels,
                 "lagged_levels": lagged_levels, **self._identity()}
         return _io.save_tensors(path, tensors, meta)
 
     def load_checkpoint(self, path: str | os.PathLike) -> int:
         """Restore a checkpoint written by `save_checkpoint` for the same run; returns its step."""
         tensors, meta = _io.load_tensors(path)
-        if meta.get("format") != _CHECKPOINT_FORMAT:
+        if meta.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{path}: not a distillation checkpoint (format {meta.get('format')!r})")
         mine = self._identity()
         for key, value in mine.items():
@@ -814,192 +563,3 @@ class Distiller:
                             tensors["lagged_counts"].to(self.device, torch.int64), int(meta.get("lagged_levels", 0)))
         self._nonfinite.zero_()
         return self.step_count
-
-
-# ----------------------------------------------------------------------------------------------------------- distill
-def _resolve_stats(data_or_stats, backbone, *, crop: int, out_dir: Path | None, progress: bool):
-    if isinstance(data_or_stats, torch.Tensor) or hasattr(data_or_stats, "centres"):
-        return data_or_stats
-    from sfmkern import stats as stats_mod
-
-    if isinstance(data_or_stats, (str, os.PathLike)) and str(data_or_stats).endswith(".safetensors"):
-        return stats_mod.ClassStats.load(data_or_stats, backbone=backbone)
-    resize = max(crop, round(crop * 256 / 224))
-    out = out_dir / "stats.safetensors" if out_dir is not None else None
-    return stats_mod.collect_stats(data_or_stats, backbone, resize=resize, crop=crop, out=out, resume=True,
-                                   cache_features=out is not None, progress=progress)
-
-
-def _locked_run(fn):
-    """Decorates `distill`: with `out_dir=`, the run folder is locked (`out_dir/.lock`, taken by rank 0; under
-    torch.distributed every rank learns the outcome) for the whole call, and the temporary files a killed earlier
-    run left there are removed first."""
-
-    @functools.wraps(fn)
-    def locked(*args, **kwargs):
-        out_dir = kwargs.get("out_dir")
-        if out_dir is None:
-            return fn(*args, **kwargs)
-        out_path, progress = Path(out_dir), kwargs.get("progress", True)
-        rank, world = _dist_info()
-        with contextlib.ExitStack() as stack:
-            error = ""
-            if rank == 0:
-                try:
-                    out_path.mkdir(parents=True, exist_ok=True)
-                    stack.enter_context(_io.output_lock(out_path, "distillation run folder"))
-                    removed = [p for name in ("checkpoint", "distilled.safetensors")
-                               for p in _io.remove_stale_temps(out_path / name, any_suffix=True)]
-                    if removed:
-                        _io.notice(f"removed {len(removed)} temporary file(s) a killed run left in {out_path}",
-                                   progress)
-                except _io.OutputBusyError as exc:
-                    error = str(exc)
-            if world > 1:
-                shared = [error]
-                torch.distributed.broadcast_object_list(shared, src=0)
-                error = shared[0]
-            if error:
-                raise _io.OutputBusyError(error)
-            return fn(*args, **kwargs)
-
-    return locked
-
-
-def _say_resumed(ckpt: Path, start: int, steps: int, *, show: bool) -> None:
-    """Refuse a checkpoint past `steps` (its images are not those of a `steps`-step run); say in one line whether a
-    finished run is reused or a run resumed."""
-    if start > steps:
-        raise ValueError(f"{ckpt}: holds a run at step {start}, past steps={steps}; its images are not a {steps}-step "
-                         "result: use another out_dir, resume=False (--no-resume) to start over, or steps >= "
-                         f"{start}")
-    if start == steps:
-        _io.notice(f"reusing the finished run {ckpt} ({steps} steps, same statistics, backbone and configuration; "
-                   "resume=False / --no-resume recomputes)", show)
-    else:
-        _io.notice(f"resuming {ckpt} at step {start} of {steps}", show)
-
-
-def warn_incomplete_schedule(config: DistillConfig) -> bool:
-    """Warn (and return True) when the run ends before the growth schedule has created every pyramid level."""
-    if config.param != "pyramid" or config.init == "real" or config.steps == 0:
-        return False
-    levels = len(level_sizes(config.syn_res))
-    every = config.effective_grow_every
-    if every == 0 or 1 + (config.steps - 1) // every >= levels:
-        return False
-    warnings.warn(f"steps={config.steps} ends before the pyramid has all {levels} levels (one every "
-                  f"grow_every={every} steps needs {(levels - 1) * every + 1}): the images stay coarse; use "
-                  "grow_every=None (every level from step 0) or more steps", stacklevel=3)
-    return True
-
-
-def paper_schedule() -> dict:
-    """The paper's settings (lr 2e-3, a pyramid level every 200 steps, 5000 steps, noise start, flow cosine alone)
-    as `distill()` keywords: `sfmkern.distill(stats, backbone, **paper_schedule())`."""
-    return dict(PAPER_SCHEDULE)
-
-
-@_threads.cpu_phase
-@_locked_run
-def distill(data_or_stats, backbone, *, ipc: int = 1, steps: int = 5000, augs: int = 1, lr: float | None = None,
-            syn_res: int = 256, crop: int = 224, seed: int = 0, device=None, max_memory=None, out_dir=None,
-            resume: bool = True, grow_every: int | None = None, param: str = "pyramid", noise_std: float = 0.2,
-            noise_p: float = 0.5, noise_mean: float = 0.5, chunk_size: int | None = None,
-            checkpoint_every: int = 100, progress: bool = True, log_every: int = 10, mode: str = "auto",
-            classes=None, init: str = "real", objective: str = "sfm", anchor_weight: float = 10.0,
-            anchor_target: str = "augmented", anchor_images: int = 64, anchor_views: int = 4,
-            subcentres: bool = True, scale: tuple[float, float] = (0.08, 1.0),
-            init_data=None) -> DistilledSet:
-    """Distil `ipc` images per class whose statistical flow matches the real one; returns a DistilledSet.
-
-    data_or_stats: a ClassStats, a path to a saved one, a real-flow tensor [C, D], or a data source (statistics are
-    collected with `crop`, cached as out_dir/stats.safetensors when out_dir is given). With out_dir, checkpoints
-    (images, Adam state, RNG state, step) are written atomically every `checkpoint_every` steps and at the end,
-    `resume=True` continues from one, and the result is saved as out_dir/distilled.safetensors. A non-finite loss
-    (checked every `log_every` steps and before each checkpoint) raises FloatingPointError and keeps the last good
-    checkpoint. mode: "auto" (single-phase when one chunk holds every view, else two-phase), "single",
-    "two_phase" or "lagged" (one autograd pass per step back-propagating the previous step's G; see docs/distill.md).
-    A checkpoint is resumed only when written for the same statistics, backbone and trajectory settings (else
-    ValueError naming the difference), and never past `steps` (a 300-step checkpoint and steps=100: ValueError);
-    resuming or reusing a finished run is said in one line on stderr. While it runs, `out_dir` is locked
-    (`out_dir/.lock`): a second process distilling into it fails at once with OutputBusyError.
-
-    Beyond the paper (docs/distill.md has the measurements; `PAPER_SCHEDULE` holds the paper's settings):
-    init "real" (default: start from the real images nearest the class centre / k-means sub-centres, found in the
-    statistics' feature cache; needs the real images: `init_data=` the source the statistics were collected on, or
-    data as the first argument; otherwise noise, with a warning) or "noise"; objective "sfm" (default: the paper's
-    flow cosine alone) or "anchored" (flow cosine + anchor_weight x the anchoring term to the class means of
-    augmented real views, anchor_target="augmented", over anchor_images per class x anchor_views views; "centred":
-    the clean centres with their common offset removed; measured harmful at weight 10); subcentres (ipc > 1):
-    each image matches the flow of its own k-means sub-centre. lr None: DEFAULT_LR by start; grow_every None:
-    every pyramid level from step 0.
-    """
-    from tqdm.auto import tqdm
-
-    from sfmkern import realdata
-
-    config = DistillConfig(ipc=ipc, steps=steps, augs=augs, lr=lr, syn_res=syn_res, crop=crop, seed=seed,
-                           grow_every=grow_every, param=param, noise_std=noise_std, noise_p=noise_p,
-                           noise_mean=noise_mean, chunk_size=chunk_size, max_memory=max_memory,
-                           checkpoint_every=checkpoint_every, log_every=log_every, init=init, objective=objective,
-                           anchor_weight=anchor_weight, anchor_target=anchor_target, anchor_images=anchor_images,
-                           anchor_views=anchor_views, subcentres=subcentres, scale=scale)
-    warn_incomplete_schedule(config)
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if device is not None and not _same_device(device, backbone.device):
-        raise ValueError(f"device={device} but the backbone lives on {backbone.device}; load it there "
-                         "(load_backbone(..., device=...))")
-    out_path = Path(out_dir) if out_dir is not None else None
-    stats = _resolve_stats(data_or_stats, backbone, crop=crop, out_dir=out_path, progress=progress)
-    if init_data is None and not (isinstance(data_or_stats, torch.Tensor) or hasattr(data_or_stats, "centres")
-                                  or str(data_or_stats).endswith(".safetensors")):
-        init_data = data_or_stats
-    if init_data is not None:
-        from sfmkern.stats import _as_source
-
-        init_data = _as_source(init_data)
-    real = realdata.prepare(stats, init_data, backbone, config)
-    distiller = Distiller(stats, backbone, classes=classes, config=config, device=backbone.device, **real)
-    ckpt = distiller.checkpoint_path(out_path) if out_path is not None else None
-    start = 0
-    if ckpt is not None and resume and ckpt.is_file():
-        start = distiller.load_checkpoint(ckpt)
-        _say_resumed(ckpt, start, steps, show=progress and distiller.rank == 0)
-    bar = tqdm(total=steps, initial=min(start, steps), disable=not progress or distiller.rank != 0,
-               desc="distill", unit="step")
-    last_time, last_step = time.perf_counter(), start
-    try:
-        for s in range(start, steps):
-            try:
-                loss = distiller.step(mode)
-            except ValueError as exc:  # the ops' value checks (CPU) name non-finite features before any launch
-                if "finite" not in str(exc).lower():
-                    raise
-                kept = f"; the last good checkpoint {ckpt} is kept" if ckpt is not None and ckpt.is_file() else ""
-                raise FloatingPointError(f"non-finite values at step {s + 1}: {exc}{kept}") from exc
-            done = s + 1
-            save = ckpt is not None and (done % checkpoint_every == 0 or done == steps)
-            if done % log_every == 0 or save or done == steps:
-                try:
-                    distiller.check_finite()
-                except FloatingPointError as exc:
-                    kept = f"; the last good checkpoint {ckpt} is kept" if ckpt is not None and ckpt.is_file() else ""
-                    raise FloatingPointError(f"{exc} (loss {float(loss)}){kept}") from None
-                now = time.perf_counter()
-                bar.set_postfix(loss=f"{float(loss):.5f}", s_per_step=f"{(now - last_time) / (done - last_step):.3f}")
-                last_time, last_step = now, done
-            if save:
-                distiller.save_checkpoint(ckpt)
-            bar.update(1)
-    finally:
-        bar.close()
-    result = distiller.distilled_set({"backbone": getattr(backbone, "name", ""),
-                                      "backbone_fingerprint": getattr(backbone, "fingerprint", "")})
-    if out_path is not None and distiller.rank == 0:
-        result.save(out_path / "distilled.safetensors")
-    return result
-
-
-make_module_callable(__name__, "distill")

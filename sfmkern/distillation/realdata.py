@@ -21,6 +21,7 @@ import torch
 
 from sfmkern import augment
 from sfmkern._io import load_tensors, save_tensors
+from sfmkern.data import load_images
 from sfmkern.kmeans import kmeans, nearest_distinct
 
 _CACHE_FORMAT = "sfmkern.realdata/1"
@@ -94,8 +95,6 @@ def select_start(stats, ipc: int, *, seed: int = 0) -> dict:
 def load_start_images(source, ranking: list[torch.Tensor], ipc: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode the first `ipc` readable rows of each class's ranking at `size` -> (float32 [C·ipc, 3, S, S] in [0, 1],
     int64 [C·ipc] source rows). Raises ValueError naming a class with fewer readable images."""
-    from sfmkern.data import load_images
-
     images, rows = [], []
     for c, ranked in enumerate(ranking):
         got, got_rows, pos = [], [], 0
@@ -124,8 +123,6 @@ def augmented_centres(stats, source, backbone, config, *, targets: torch.Tensor 
     with `targets` [C·k, D] (sub-centres, class-major), C·k: each real image counts for the sub-centre of its class
     nearest its clean cached feature (anchor_images // k images of each sub-centre's members). Cached beside the
     statistics."""
-    from sfmkern.data import load_images
-
     aug = {k: config.to_dict()[k] for k in ("syn_res", "crop", "scale", "ratio", "flip_p", "noise_p", "noise_std",
                                             "noise_mean", "anchor_images", "anchor_views", "seed")}
     num_targets = stats.num_classes if targets is None else int(targets.shape[0])

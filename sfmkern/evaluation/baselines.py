@@ -1,4 +1,4 @@
-"""Real-image baselines, evaluated under exactly the protocol of `sfmkern.evaluate`.
+"""Real-image baselines, evaluated under exactly the protocol of `sfmkern.evaluation`.
 
 - `random_real`: `ipc` random real images per class; a different seeded draw for every run (the spread over runs
   includes the choice of images, as usual for this baseline).
@@ -20,21 +20,13 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from sfmkern import probe as _probe
 from sfmkern._nvtx import nvtx_range
-from sfmkern.evaluate import (
-    EvalReport,
-    FeatureSet,
-    LabelledImages,
-    _protocol,
-    _test_features,
-    _train_features,
-    check_classes,
-    evaluate,
-    extract_features,
-    fit_full_head,
-    stats_features,
-)
+from sfmkern.artifacts import EvalReport, FeatureSet, LabelledImages, check_classes
+from sfmkern.data import load_images
+from sfmkern.evaluation import heads
+from sfmkern.evaluation.features import extract_features, stats_features, test_features, train_features
+from sfmkern.evaluation.heads import fit_full_head
+from sfmkern.evaluation.protocol import evaluate, protocol_dict
 from sfmkern.kmeans import kmeans as _kmeans
 from sfmkern.kmeans import nearest_distinct
 
@@ -42,8 +34,6 @@ from sfmkern.kmeans import nearest_distinct
 # ------------------------------------------------------------------------------------------------ loading
 def _load_first_readable(source, candidates: np.ndarray, k: int, image_size: int, what: str):
     """Decode candidates in order until `k` are readable -> (uint8 [k, 3, S, S] torch, source rows int64 [k])."""
-    from sfmkern.data import load_images
-
     chosen_imgs, chosen_rows = [], []
     pos = 0
     while len(chosen_rows) < k and pos < len(candidates):
@@ -248,18 +238,18 @@ def full_data(
         raise ValueError(f"runs must be an int >= 1, got {runs!r}")
     timings = {}
     t0 = time.perf_counter()
-    train, stats_fp = _train_features(
+    train, stats_fp = train_features(
         stats_or_features, backbone, classes=classes, resize=resize, crop=crop, feature_batch=feature_batch,
         progress=progress)
     timings["train_features_s"] = time.perf_counter() - t0
     classes_ = train.classes
     check_classes("training features", classes_, "test data", test_data.classes)
     t0 = time.perf_counter()
-    test = _test_features(test_data, backbone, resize=resize, crop=crop, feature_batch=feature_batch,
+    test = test_features(test_data, backbone, resize=resize, crop=crop, feature_batch=feature_batch,
                           progress=progress)
     timings["test_features_s"] = time.perf_counter() - t0
     device = torch.device(backbone.device)
-    top1, top5, heads = [], [], []
+    top1, top5, fitted = [], [], []
     timings["train_s"] = timings["test_s"] = 0.0
     for run in range(runs):
         t0 = time.perf_counter()
@@ -268,19 +258,19 @@ def full_data(
         timings["train_s"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         with nvtx_range("evaluate/test"):
-            a1, a5 = _probe.accuracy(head.to(device).logits, test.features, test.labels, ks=(1, 5), device=device)
+            a1, a5 = heads.accuracy(head.to(device).logits, test.features, test.labels, ks=(1, 5), device=device)
         timings["test_s"] += time.perf_counter() - t0
         top1.append(a1)
         top5.append(a5)
-        heads.append(head)
-    schedule = _probe.ProbeSchedule.create(len(train), epochs, base_lr=_probe.PROBE_BASE_LR, max_batch=batch_size)
-    protocol = _protocol(schedule, epochs=epochs, runs=runs, seed=seed, view_bank=None, resize=resize, crop=crop,
+        fitted.append(head)
+    schedule = heads.ProbeSchedule.create(len(train), epochs, base_lr=heads.PROBE_BASE_LR, max_batch=batch_size)
+    protocol = protocol_dict(schedule, epochs=epochs, runs=runs, seed=seed, view_bank=None, resize=resize, crop=crop,
                          scale=(1.0, 1.0), test=test)
     protocol.update(augment="none (fixed centre-crop features)", views="centre crop")
     return EvalReport(
         name="full-data", mode="full-data", backbone=backbone.name, backbone_fingerprint=backbone.fingerprint,
         num_classes=len(classes_), num_train=len(train), top1=top1, top5=top5, protocol=protocol,
-        storage={"head_bytes": heads[0].storage_bytes}, timings={k: round(v, 3) for k, v in timings.items()},
+        storage={"head_bytes": fitted[0].storage_bytes}, timings={k: round(v, 3) for k, v in timings.items()},
         provenance={"stats_fingerprint": stats_fp},
     )
 

@@ -20,17 +20,17 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from sfmkern._callable import make_module_callable
-from sfmkern.distill import (
-    _CPU_DEFAULT_CHUNK,
-    _PROBE_TRANSIENT,
+from sfmkern.backbone import Backbone, load_backbone
+from sfmkern.distillation.config import (
+    CPU_DEFAULT_CHUNK,
     MODES,
+    PROBE_TRANSIENT,
     DistillConfig,
-    Distiller,
     chunk_for_budget,
     own_bytes_max,
     parse_bytes,
 )
+from sfmkern.distillation.distiller import Distiller
 
 _MIB = 2**20
 # Predicted activations per view = bytes saved for backward × this. The chunk sizing keeps its × 1.5 margin; the peak
@@ -112,10 +112,10 @@ def _probe_distiller(backbone, num_classes: int, ipc: int, augs: int, crop: int,
         return Distiller(flow.to(backbone.device), backbone, config=cfg)
 
 
-def plan(backbone, num_classes: int, *, ipc: int = 1, augs: int = 1, crop: int | None = None,
-         syn_res: int | None = None, max_memory: int | str | None = None, device=None, mode: str = "auto",
-         chunk_size: int | None = None, param: str = "pyramid", tflops: float | None = None,
-         measure_steps: int = 0) -> Plan:
+def plan(backbone, num_classes: int, *, ipc: int = DistillConfig.ipc, augs: int = DistillConfig.augs,
+         crop: int | None = None, syn_res: int | None = None, max_memory: int | str | None = None, device=None,
+         mode: str = "auto", chunk_size: int | None = None, param: str = DistillConfig.param,
+         tflops: float | None = None, measure_steps: int = 0) -> Plan:
     """Plan a run of `distill(..., ipc, augs, crop, syn_res, max_memory, chunk_size, mode)` without allocating it.
 
     backbone: a loaded `Backbone` or a name (loaded with random weights: neither memory nor FLOPs depend on them).
@@ -124,8 +124,6 @@ def plan(backbone, num_classes: int, *, ipc: int = 1, augs: int = 1, crop: int |
     sustained rate to convert FLOPs into seconds; measure_steps > 0: time that many probe steps of the chosen mode
     (one chunk of views, after one warm-up step) on the backbone's device and scale the best to the run's views.
     """
-    from sfmkern.backbone import Backbone, load_backbone
-
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     for name, value in (("num_classes", num_classes), ("ipc", ipc), ("augs", augs)):
@@ -164,14 +162,14 @@ def plan(backbone, num_classes: int, *, ipc: int = 1, augs: int = 1, crop: int |
     if chunk_size is not None:
         chunk, checkpointing = chunk_size, bool(backbone.grad_checkpointing)
     elif budget is None:
-        chunk, checkpointing = _CPU_DEFAULT_CHUNK, bool(backbone.grad_checkpointing)
+        chunk, checkpointing = CPU_DEFAULT_CHUNK, bool(backbone.grad_checkpointing)
     else:
         chunk, checkpointing = chunk_for_budget(budget, bytes_per_view, views)
     chunk = max(1, min(chunk, views))
     if mode == "auto":
         mode = "single" if chunk >= views else "two_phase"
     active = views if mode == "single" else chunk
-    step_bytes = int(images_bytes + active * bytes_per_view(checkpointing) / _PROBE_TRANSIENT * _PEAK_TRANSIENT)
+    step_bytes = int(images_bytes + active * bytes_per_view(checkpointing) / PROBE_TRANSIENT * _PEAK_TRANSIENT)
 
     forward, forward_backward = _flops_per_view(backbone, min(2, views), crop, checkpointing)
     per_step = {"single": forward_backward, "two_phase": forward + forward_backward, "lagged": forward_backward}
@@ -204,5 +202,3 @@ def plan(backbone, num_classes: int, *, ipc: int = 1, augs: int = 1, crop: int |
                 peak_bytes=step_bytes + model_bytes, flops_per_step=float(flops), seconds_per_step=seconds,
                 seconds_from=source)
 
-
-make_module_callable(__name__, "plan")
