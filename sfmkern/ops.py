@@ -13,12 +13,14 @@ syncs on the hot path. With value checks off the kernels stay memory-safe and a 
 detached) around torch custom ops of the same names in the `sfmkern` namespace (`torch.ops.sfmkern.*`, registered at
 import): dispatch and checks above run inside the op, when it runs, so they hold in eager mode and in a graph
 compiled by `torch.compile`, which sees each op as one node (fullgraph=True compiles; see "registered ops" below).
+In plain eager mode (`_eager`: not compiling or tracing, no dispatch/torch-function mode, no functorch transform,
+plain tensors) the wrappers skip the dispatcher and run the same implementation through a plain autograd.Function:
+same code, same results, a fraction of the host time (see "eager fast path" below).
 """
 
 from __future__ import annotations
 
 import os
-import threading
 
 import torch
 
@@ -109,35 +111,18 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _with_autograd(fn, device: torch.device, *args, **kwargs):
-    """fn(*args, **kwargs) on a fresh thread, where torch.autograd records.
+def _reference_loss_and_grad(sums, counts, real_flow, anchor, anchor_weight: float):
+    """reference.flow_loss_and_grad wherever the op runs, with G contiguous (autograd lays it out after the inputs).
 
-    A registered op's implementation runs below the Autograd dispatch key (torch.library's autograd wrapper excludes
-    the autograd keys in the thread's dispatch state), so `torch.autograd.grad` there finds no graph; the reference
-    defines G = dL/d mu~ by `torch.autograd.grad`, so the torch backend runs it on a short-lived thread, whose dispatch
-    state is fresh (a thread per call, not a pool: a pool's thread does not survive a fork). `torch.func.grad` would
-    record in place, but opcheck's SchemaCheckMode cannot see through functorch's wrapper tensors. CUDA work stays on
-    the caller's device and stream.
+    The reference defines G = dL/d mu~ by `torch.autograd.grad`, which needs autograd to record. Inside a registered
+    op's implementation it would not: torch.library's autograd wrapper has excluded the autograd dispatch keys from
+    the thread's dispatch state (and torch.inference_mode excludes them too). `torch.inference_mode(False)` puts those
+    keys back for the duration (the reference turns grad mode on itself), on the caller's thread, device and stream;
+    the results carry no history out.
     """
-    stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
-    result: dict = {}
-
-    def run():
-        try:
-            if stream is None:
-                result["value"] = fn(*args, **kwargs)
-            else:
-                with torch.cuda.device(device), torch.cuda.stream(stream):
-                    result["value"] = fn(*args, **kwargs)
-        except BaseException as exc:  # re-raised on the caller's thread
-            result["error"] = exc
-
-    worker = threading.Thread(target=run, name="sfmkern-reference-grad")
-    worker.start()
-    worker.join()
-    if "error" in result:
-        raise result["error"]
-    return result["value"]
+    with torch.inference_mode(False):
+        loss, grad = reference.flow_loss_and_grad(sums, counts, real_flow, anchor=anchor, anchor_weight=anchor_weight)
+    return loss, grad.contiguous()
 
 
 def _fake_checks(first_name: str, first: torch.Tensor, ndim: int, **others: tuple[torch.Tensor | None, int | None]):
@@ -157,8 +142,9 @@ def _anchor_active(anchor, anchor_weight: float, num_classes: int, n_cols: int, 
     return _validate.validate_anchor(anchor, anchor_weight, num_classes, n_cols, device)
 
 
-@torch.library.custom_op("sfmkern::class_sums", mutates_args=(), schema=_CLASS_SUMS_SCHEMA)
-def _class_sums_op(features, labels, num_classes, deterministic, sorted_labels):
+# The implementations: what each op does when it runs on real tensors. The registered ops and the eager fast path
+# both call these, so the two paths run the same code.
+def _class_sums_impl(features, labels, num_classes, deterministic, sorted_labels):
     if backend_for(features) == "torch":
         return reference.class_sums(features, labels, num_classes, deterministic=deterministic,
                                     sorted_labels=sorted_labels)
@@ -168,38 +154,9 @@ def _class_sums_op(features, labels, num_classes, deterministic, sorted_labels):
     return _kernels().class_sums_triton(features, labels, c, deterministic=deterministic, sorted_labels=is_sorted)
 
 
-@_class_sums_op.register_fake
-def _class_sums_fake(features, labels, num_classes, deterministic, sorted_labels):
-    _fake_checks("features", features, 2, labels=(labels, 1))
-    sums = features.new_empty((num_classes, features.shape[1]), dtype=_acc_dtype(features.dtype))
-    return sums, features.new_empty((num_classes,), dtype=torch.int64)
-
-
-def _class_sums_setup(ctx, inputs, output):
-    features, labels = inputs[0], inputs[1]
-    ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(labels)
-    ctx.features_dtype = features.dtype
-
-
-def _class_sums_backward(ctx, grad_sums, grad_counts):
-    """dL/dz_i = dL/dS_{y_i}: the gather, without the division by n_c (these are sums, not means)."""
-    (labels,) = ctx.saved_tensors
-    grad = None
-    if ctx.needs_input_grad[0]:
-        grad = torch.ops.sfmkern.feature_grad(grad_sums, None, labels, None, ctx.features_dtype)
-    return grad, None, None, None, None
-
-
-_class_sums_op.register_autograd(_class_sums_backward, setup_context=_class_sums_setup)
-
-
-@torch.library.custom_op("sfmkern::flow_loss_and_grad", mutates_args=(), schema=_FLOW_LOSS_SCHEMA)
-def _flow_loss_and_grad_op(sums, counts, real_flow, anchor, anchor_weight):
+def _flow_loss_and_grad_impl(sums, counts, real_flow, anchor, anchor_weight):
     if backend_for(sums) == "torch":
-        loss, grad = _with_autograd(reference.flow_loss_and_grad, sums.device, sums, counts, real_flow, anchor=anchor,
-                                    anchor_weight=anchor_weight)
-        return loss, grad.contiguous()  # autograd lays G out after the inputs' strides; the op promises contiguous
+        return _reference_loss_and_grad(sums, counts, real_flow, anchor, anchor_weight)
     c, d = _validate.validate_flow_loss(sums, counts, real_flow)
     anchored = _anchor_active(anchor, anchor_weight, c, d, sums.device)
     return _kernels().flow_loss_and_grad_triton(sums, counts.contiguous(), real_flow,
@@ -207,25 +164,12 @@ def _flow_loss_and_grad_op(sums, counts, real_flow, anchor, anchor_weight):
                                                 anchor_weight=anchor_weight if anchored else 0.0)
 
 
-@_flow_loss_and_grad_op.register_fake
-def _flow_loss_and_grad_fake(sums, counts, real_flow, anchor, anchor_weight):
-    _fake_checks("sums", sums, 2, counts=(counts, 1), real_flow=(real_flow, 2), anchor=(anchor, 2))
-    return sums.new_empty((), dtype=sums.dtype), sums.new_empty(sums.shape, dtype=sums.dtype)
-
-
-@torch.library.custom_op("sfmkern::feature_grad", mutates_args=(), schema=_FEATURE_GRAD_SCHEMA)
-def _feature_grad_op(grad, counts, labels, scale, dtype):
+def _feature_grad_impl(grad, counts, labels, scale, dtype):
     if backend_for(grad) == "torch":
         return reference.feature_grad(grad, counts, labels, scale=scale, dtype=dtype).contiguous()
     _validate.validate_feature_grad(grad, counts, labels, scale, dtype)
     counts = None if counts is None else counts.contiguous()
     return _kernels().feature_grad_triton(grad, counts, labels.contiguous(), scale=scale, dtype=dtype)
-
-
-@_feature_grad_op.register_fake
-def _feature_grad_fake(grad, counts, labels, scale, dtype):
-    _fake_checks("G", grad, 2, counts=(counts, 1), labels=(labels, 1), scale=(scale, None))
-    return grad.new_empty((labels.shape[0], grad.shape[1]), dtype=dtype)
 
 
 def _shifted_anchor(anchor, anchored: bool, shift: torch.Tensor, dtype: torch.dtype):
@@ -238,7 +182,7 @@ def _shifted_anchor(anchor, anchored: bool, shift: torch.Tensor, dtype: torch.dt
 def _sfm_loss_torch(features, labels, real_flow, anchor, anchor_weight, deterministic, sorted_labels, compute_grad):
     """The torch backend of sfmkern::sfm_loss: the references of class_sums and flow_loss_and_grad, composed on the
     features shifted by row 0, exactly as `reference.sfm_loss` forms its loss (same sums, same loss bits). Without
-    compute_grad no autograd runs (so it also works under torch.inference_mode) and G is returned as zeros."""
+    compute_grad no autograd runs and G is returned as zeros."""
     _, d, c = _validate.validate_sfm_loss(features, labels, real_flow, sorted_labels)
     anchored = _anchor_active(anchor, anchor_weight, c, d, features.device)
     acc = _acc_dtype(features.dtype)
@@ -248,16 +192,14 @@ def _sfm_loss_torch(features, labels, real_flow, anchor, anchor_weight, determin
     target = _shifted_anchor(anchor, anchored, shift[0], acc)
     weight = anchor_weight if anchored else 0.0
     if compute_grad:
-        loss, grad = _with_autograd(reference.flow_loss_and_grad, features.device, sums, counts, real_flow,
-                                    anchor=target, anchor_weight=weight)
-        return loss, grad.contiguous(), counts
+        loss, grad = _reference_loss_and_grad(sums, counts, real_flow, target, weight)
+        return loss, grad, counts
     _validate.validate_flow_loss(sums, counts, real_flow)  # what reference.flow_loss_and_grad checks first
     loss = reference.flow_loss(sums / counts.to(acc)[:, None], real_flow, target, weight)
     return loss, torch.zeros_like(sums), counts
 
 
-@torch.library.custom_op("sfmkern::sfm_loss", mutates_args=(), schema=_SFM_LOSS_SCHEMA)
-def _sfm_loss_op(features, labels, real_flow, anchor, anchor_weight, deterministic, sorted_labels, compute_grad):
+def _sfm_loss_impl(features, labels, real_flow, anchor, anchor_weight, deterministic, sorted_labels, compute_grad):
     if backend_for(features) == "torch":
         return _sfm_loss_torch(features, labels, real_flow, anchor, anchor_weight, deterministic, sorted_labels,
                                compute_grad)
@@ -277,6 +219,74 @@ def _sfm_loss_op(features, labels, real_flow, anchor, anchor_weight, determinist
                                                    anchor=_shifted_anchor(anchor, anchored, shift, sums.dtype),
                                                    anchor_weight=anchor_weight if anchored else 0.0)
     return loss, grad, counts
+
+
+# The backward formulas, shared by both paths: `feature_grad` is the registered op in the op's autograd formula (so a
+# compiled backward graph holds it as a node) and the implementation itself in the eager autograd.Function.
+def _class_sums_grad(ctx, grad_sums, feature_grad):
+    """dL/dz_i = dL/dS_{y_i}: the gather, without the division by n_c (these are sums, not means)."""
+    if not ctx.needs_input_grad[0]:
+        return None
+    (labels,) = ctx.saved_tensors
+    return feature_grad(grad_sums, None, labels, None, ctx.features_dtype)
+
+
+def _sfm_loss_grad(ctx, grad_loss, feature_grad):
+    """dL/dz_i = grad_output * G[y_i] / n_{y_i}: one gather of the G saved by the forward."""
+    if not ctx.needs_input_grad[0]:
+        return None
+    if not ctx.compute_grad:
+        raise RuntimeError("sfmkern::sfm_loss ran with compute_grad=False, so it saved no gradient to go back with")
+    grad, counts, labels = ctx.saved_tensors
+    return feature_grad(grad, counts, labels, grad_loss, ctx.features_dtype)
+
+
+# The registrations.
+_class_sums_op = torch.library.custom_op("sfmkern::class_sums", _class_sums_impl, mutates_args=(),
+                                         schema=_CLASS_SUMS_SCHEMA)
+
+
+@_class_sums_op.register_fake
+def _class_sums_fake(features, labels, num_classes, deterministic, sorted_labels):
+    _fake_checks("features", features, 2, labels=(labels, 1))
+    sums = features.new_empty((num_classes, features.shape[1]), dtype=_acc_dtype(features.dtype))
+    return sums, features.new_empty((num_classes,), dtype=torch.int64)
+
+
+def _class_sums_setup(ctx, inputs, output):
+    features, labels = inputs[0], inputs[1]
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(labels)
+    ctx.features_dtype = features.dtype
+
+
+def _class_sums_backward(ctx, grad_sums, grad_counts):
+    return _class_sums_grad(ctx, grad_sums, torch.ops.sfmkern.feature_grad), None, None, None, None
+
+
+_class_sums_op.register_autograd(_class_sums_backward, setup_context=_class_sums_setup)
+
+_flow_loss_and_grad_op = torch.library.custom_op("sfmkern::flow_loss_and_grad", _flow_loss_and_grad_impl,
+                                                 mutates_args=(), schema=_FLOW_LOSS_SCHEMA)
+
+
+@_flow_loss_and_grad_op.register_fake
+def _flow_loss_and_grad_fake(sums, counts, real_flow, anchor, anchor_weight):
+    _fake_checks("sums", sums, 2, counts=(counts, 1), real_flow=(real_flow, 2), anchor=(anchor, 2))
+    return sums.new_empty((), dtype=sums.dtype), sums.new_empty(sums.shape, dtype=sums.dtype)
+
+
+_feature_grad_op = torch.library.custom_op("sfmkern::feature_grad", _feature_grad_impl, mutates_args=(),
+                                           schema=_FEATURE_GRAD_SCHEMA)
+
+
+@_feature_grad_op.register_fake
+def _feature_grad_fake(grad, counts, labels, scale, dtype):
+    _fake_checks("G", grad, 2, counts=(counts, 1), labels=(labels, 1), scale=(scale, None))
+    return grad.new_empty((labels.shape[0], grad.shape[1]), dtype=dtype)
+
+
+_sfm_loss_op = torch.library.custom_op("sfmkern::sfm_loss", _sfm_loss_impl, mutates_args=(), schema=_SFM_LOSS_SCHEMA)
 
 
 @_sfm_loss_op.register_fake
@@ -299,17 +309,68 @@ def _sfm_loss_setup(ctx, inputs, output):
 
 
 def _sfm_loss_backward(ctx, grad_loss, grad_grad, grad_counts):
-    """dL/dz_i = grad_output * G[y_i] / n_{y_i}: one gather of the G saved by the forward."""
-    features_grad = None
-    if ctx.needs_input_grad[0]:
-        if not ctx.compute_grad:
-            raise RuntimeError("sfmkern::sfm_loss ran with compute_grad=False, so it saved no gradient to go back with")
-        grad, counts, labels = ctx.saved_tensors
-        features_grad = torch.ops.sfmkern.feature_grad(grad, counts, labels, grad_loss, ctx.features_dtype)
-    return features_grad, None, None, None, None, None, None, None
+    return (_sfm_loss_grad(ctx, grad_loss, torch.ops.sfmkern.feature_grad), None, None, None, None, None, None,
+            None)
 
 
 _sfm_loss_op.register_autograd(_sfm_loss_backward, setup_context=_sfm_loss_setup)
+
+
+# ----------------------------------------------------------------------------------------------- eager fast path
+# A call through a registered op pays torch.library's Python machinery on every call, forward and backward: the
+# dispatcher boxes the arguments into Python, the autograd kernel builds a generated autograd.Function around a
+# redispatch (fill_defaults, keyset handling), the backend kernel enters the implementation through a
+# torch._dynamo.disable wrapper (swapping the frame-evaluation hook in and out) and checks the outputs for aliasing.
+# For a loss whose kernels take tens of microseconds on a GPU, that host time is the call. In plain eager mode,
+# `_eager` holds and the public functions below call the implementations directly, through the two autograd.Functions
+# here (the same setup and backward formulas as the registered ops). Everything else (torch.compile / Dynamo,
+# make_fx and AOT tracing, FakeTensor, functionalization, any TorchDispatchMode (opcheck's included) or
+# TorchFunctionMode, functorch transforms, torch.jit tracing, tensor subclasses) goes through the registered op,
+# which is what those systems understand.
+_PYTHON_KEY = torch._C.DispatchKey.Python
+
+
+def _eager(*tensors) -> bool:
+    """True when a public op may run its implementation directly (see above): plain eager mode, plain tensors."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():  # first: Dynamo folds this to True, traces no further
+        return False
+    if torch._C._dispatch_tls_is_dispatch_key_included(_PYTHON_KEY) or torch._C._are_functorch_transforms_active():
+        return False  # a dispatch mode (FakeTensor, proxy, functional, user modes) or a functorch transform is active
+    for t in tensors:
+        if t is not None and type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter:
+            return False  # a subclass: its __torch_dispatch__ / __torch_function__ must see the op
+    return not torch.overrides.has_torch_function(tensors)  # a TorchFunctionMode (e.g. `with torch.device(...)`)
+
+
+class _ClassSumsFunction(torch.autograd.Function):
+    """sfmkern::class_sums in eager mode: the same implementation, setup and backward, without the dispatcher."""
+
+    @staticmethod
+    def forward(ctx, features, labels, num_classes, deterministic, sorted_labels):
+        output = _class_sums_impl(features, labels, num_classes, deterministic, sorted_labels)
+        _class_sums_setup(ctx, (features, labels), output)
+        return output
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_sums, grad_counts):
+        return _class_sums_grad(ctx, grad_sums, _feature_grad_impl), None, None, None, None
+
+
+class _SFMLossFunction(torch.autograd.Function):
+    """sfmkern::sfm_loss in eager mode, returning the loss only (G and the counts stay in the context)."""
+
+    @staticmethod
+    def forward(ctx, features, labels, real_flow, anchor, anchor_weight, deterministic, sorted_labels, compute_grad):
+        output = _sfm_loss_impl(features, labels, real_flow, anchor, anchor_weight, deterministic, sorted_labels,
+                                compute_grad)
+        _sfm_loss_setup(ctx, (features, labels, None, None, None, None, None, compute_grad), output)
+        return output[0]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        return _sfm_loss_grad(ctx, grad_loss, _feature_grad_impl), None, None, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------------- public API
@@ -356,6 +417,8 @@ def class_sums(features: torch.Tensor, labels: torch.Tensor, num_classes: int, *
     _require_tensor("labels", labels)
     _validate.check_num_classes(num_classes)
     _check_sorted_arg(sorted_labels)
+    if _eager(features, labels):
+        return _ClassSumsFunction.apply(features, labels, num_classes, bool(deterministic), sorted_labels)
     return torch.ops.sfmkern.class_sums(features, labels, num_classes, bool(deterministic), sorted_labels)
 
 
@@ -399,8 +462,10 @@ def flow_loss_and_grad(sums: torch.Tensor, counts: torch.Tensor, real_flow: torc
     _require_tensor("real_flow", real_flow)
     _require_tensor("anchor", anchor, optional=True)
     weight = _anchor_weight_arg(anchor_weight)
-    return torch.ops.sfmkern.flow_loss_and_grad(sums.detach(), counts, real_flow.detach(),
-                                                None if anchor is None else anchor.detach(), weight)
+    args = (sums.detach(), counts, real_flow.detach(), None if anchor is None else anchor.detach(), weight)
+    if _eager(*args[:4]):
+        return _flow_loss_and_grad_impl(*args)
+    return torch.ops.sfmkern.flow_loss_and_grad(*args)
 
 
 def feature_grad(grad: torch.Tensor, counts: torch.Tensor | None, labels: torch.Tensor, *,
@@ -423,8 +488,10 @@ def feature_grad(grad: torch.Tensor, counts: torch.Tensor | None, labels: torch.
     _require_tensor("scale", scale, optional=True)
     if not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype: expected a torch.dtype, got {type(dtype).__name__}")
-    return torch.ops.sfmkern.feature_grad(grad.detach(), counts, labels, None if scale is None else scale.detach(),
-                                          dtype)
+    args = (grad.detach(), counts, labels, None if scale is None else scale.detach(), dtype)
+    if _eager(*args[:4]):
+        return _feature_grad_impl(*args)
+    return torch.ops.sfmkern.feature_grad(*args)
 
 
 def sfm_loss(features: torch.Tensor, labels: torch.Tensor, real_flow: torch.Tensor, *, deterministic: bool = False,
@@ -459,7 +526,9 @@ def sfm_loss(features: torch.Tensor, labels: torch.Tensor, real_flow: torch.Tens
     _check_sorted_arg(sorted_labels)
     weight = _anchor_weight_arg(anchor_weight)
     compute_grad = torch.is_grad_enabled() and features.requires_grad
-    loss, _, _ = torch.ops.sfmkern.sfm_loss(features, labels, real_flow.detach(),
-                                            None if anchor is None else anchor.detach(), weight,
-                                            bool(deterministic), sorted_labels, compute_grad)
+    args = (features, labels, real_flow.detach(), None if anchor is None else anchor.detach(), weight,
+            bool(deterministic), sorted_labels, compute_grad)
+    if _eager(*args[:4]):
+        return _SFMLossFunction.apply(*args)
+    loss, _, _ = torch.ops.sfmkern.sfm_loss(*args)
     return loss

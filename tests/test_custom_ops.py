@@ -214,3 +214,149 @@ def test_compile_fullgraph_matches_eager_and_dispatches_at_run_time(backend_name
         again = compiled(weight, images.clone().requires_grad_(True), labels, flow, anchor)
         assert len(launched) == expected
         assert torch.allclose(again, loss_eager, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------- eager fast path
+# In plain eager mode the public functions run the ops' implementations through plain autograd.Functions instead of
+# the dispatcher (sfmkern.ops, "eager fast path"). Same code, so the same bits as the registered ops, both backends.
+def _fast_node(loss: torch.Tensor) -> str:
+    return type(loss.grad_fn).__name__
+
+
+@pytest.mark.parametrize("anchored", (False, True), ids=("plain", "anchor"))
+@pytest.mark.parametrize("deterministic", (False, True), ids=("atomic", "det"))
+@pytest.mark.parametrize("sorted_labels", (None, True, False), ids=("detect", "sorted", "unsorted"))
+def test_eager_fast_path_equals_the_registered_op(backend, anchored, deterministic, sorted_labels):
+    features, labels, flow, anchor = make_problem(41, 5, 12, sort=sorted_labels is True, seed=3)
+    a, w = (anchor, 0.6) if anchored else (None, 0.0)
+    upstream = torch.tensor(-1.75)  # a grad_output other than 1 reaches the gather
+
+    z_fast = features.clone().requires_grad_(True)
+    loss_fast = ops.sfm_loss(z_fast, labels, flow, deterministic=deterministic, sorted_labels=sorted_labels,
+                             anchor=a, anchor_weight=w)
+    assert _fast_node(loss_fast) == "_SFMLossFunctionBackward"  # the fast path was taken
+    loss_fast.backward(upstream)
+    z_op = features.clone().requires_grad_(True)
+    loss_op, _, _ = torch.ops.sfmkern.sfm_loss(z_op, labels, flow, a, w, deterministic, sorted_labels, True)
+    assert "GeneratedBackwardFor_sfmkern_sfm_loss" in _fast_node(loss_op)
+    loss_op.backward(upstream)
+    assert torch.equal(loss_fast, loss_op) and loss_fast.dtype == loss_op.dtype == torch.float32
+    assert torch.equal(z_fast.grad, z_op.grad) and z_fast.grad.abs().max() > 0
+    # ... and both equal the reference (not just each other).
+    z_ref = features.double().requires_grad_(True)
+    loss_ref = reference.sfm_loss(z_ref, labels, flow.double(), deterministic=deterministic, anchor=a,
+                                  anchor_weight=w)
+    (upstream.double() * loss_ref).backward()
+    assert torch.allclose(loss_fast.double(), loss_ref, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(z_fast.grad.double(), z_ref.grad, rtol=1e-4, atol=1e-7)
+
+    # Without a gradient to compute (no_grad; inputs not requiring grad) both give the same loss and no history.
+    with torch.no_grad():
+        plain = ops.sfm_loss(features, labels, flow, deterministic=deterministic, sorted_labels=sorted_labels,
+                             anchor=a, anchor_weight=w)
+    assert torch.equal(plain, loss_op.detach()) and plain.grad_fn is None
+
+    x_fast = features.clone().requires_grad_(True)
+    sums_fast, counts_fast = ops.class_sums(x_fast, labels, 5, deterministic=deterministic,
+                                            sorted_labels=sorted_labels)
+    assert _fast_node(sums_fast) == "_ClassSumsFunctionBackward" and not counts_fast.requires_grad
+    x_op = features.clone().requires_grad_(True)
+    sums_op, counts_op = torch.ops.sfmkern.class_sums(x_op, labels, 5, deterministic, sorted_labels)
+    weights = torch.randn(5, 12, generator=torch.Generator().manual_seed(4))
+    (sums_fast * weights).sum().backward()
+    (sums_op * weights).sum().backward()
+    assert torch.equal(sums_fast, sums_op) and torch.equal(counts_fast, counts_op)
+    assert torch.equal(x_fast.grad, x_op.grad) and torch.equal(x_fast.grad, weights[labels])
+
+    weight = 0.6 if anchored else 0.0
+    fast = ops.flow_loss_and_grad(sums_op.detach(), counts_op, flow, anchor=a, anchor_weight=weight)
+    slow = torch.ops.sfmkern.flow_loss_and_grad(sums_op.detach(), counts_op, flow, a, weight)
+    assert all(torch.equal(f, s) for f, s in zip(fast, slow, strict=True)) and fast[1].is_contiguous()
+    grad = fast[1]
+    fast_rows = ops.feature_grad(grad, counts_op, labels, scale=upstream, dtype=torch.bfloat16)
+    slow_rows = torch.ops.sfmkern.feature_grad(grad, counts_op, labels, upstream, torch.bfloat16)
+    assert torch.equal(fast_rows, slow_rows) and fast_rows.dtype == torch.bfloat16
+
+
+def test_fast_path_outputs_carry_no_history_where_the_op_promises_none(backend):
+    features, labels, flow, anchor = make_problem(20, 4, 6)
+    sums, counts = reference.class_sums(features, labels, 4)
+    s = sums.clone().requires_grad_(True)
+    loss, grad = ops.flow_loss_and_grad(s, counts, flow, anchor=anchor.requires_grad_(True), anchor_weight=0.5)
+    assert loss.grad_fn is None and grad.grad_fn is None and not loss.requires_grad
+    rows = ops.feature_grad(grad.requires_grad_(True), counts, labels, scale=torch.tensor(2.0, requires_grad=True))
+    assert rows.grad_fn is None and not rows.requires_grad
+
+
+def test_fast_path_backward_is_once_differentiable():
+    features, labels, flow, _ = make_problem(16, 4, 5)
+    z = features.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(ops.sfm_loss(z, labels, flow), z, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        g.sum().backward()
+
+
+def test_tracing_modes_and_subclasses_take_the_registered_op():
+    """What the fast path must not see: under each of these the public function goes through torch.ops.sfmkern."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    features, labels, flow, _ = make_problem(12, 3, 4)
+    assert ops._eager(features, labels, flow, None)
+
+    class Recording(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Recording() as mode:
+        assert not ops._eager(features)
+        ops.sfm_loss(features, labels, flow)
+    assert "sfmkern.sfm_loss.default" in mode.ops
+    with FakeTensorMode() as fake_mode:
+        fake = fake_mode.from_tensor(features)
+        loss = ops.sfm_loss(fake, fake_mode.from_tensor(labels), fake_mode.from_tensor(flow))
+        assert loss.shape == () and not ops._eager(fake)
+    graph = make_fx(lambda x, y, f: ops.sfm_loss(x, y, f))(features, labels, flow)
+    assert "sfmkern.sfm_loss" in graph.code
+    with torch.device("cpu"):  # a TorchFunctionMode
+        assert not ops._eager(features)
+        z = features.clone().requires_grad_(True)
+        assert "GeneratedBackwardFor" in _fast_node(ops.sfm_loss(z, labels, flow))
+
+    class Marked(torch.Tensor):
+        pass
+
+    assert not ops._eager(features.as_subclass(Marked))
+    assert ops._eager(torch.nn.Parameter(features))
+
+
+def test_torch_backend_runs_on_the_callers_thread(monkeypatch):
+    """The reference's autograd runs inside the op without a helper thread: registered op and fast path, with and
+    without inference mode (G from autograd, equal to the reference's computed outside any op)."""
+    import threading
+
+    monkeypatch.setenv("SFMKERN_BACKEND", "torch")
+
+    def no_threads(self):
+        raise AssertionError("sfmkern started a thread")
+
+    monkeypatch.setattr(threading.Thread, "start", no_threads)
+    features, labels, flow, anchor = make_problem(24, 4, 6)
+    sums, counts = reference.class_sums(features, labels, 4)
+    ref_loss, ref_grad = reference.flow_loss_and_grad(sums, counts, flow, anchor=anchor, anchor_weight=0.3)
+    for infer in (False, True):
+        with torch.inference_mode(infer):
+            for loss, grad in (ops.flow_loss_and_grad(sums, counts, flow, anchor=anchor, anchor_weight=0.3),
+                               torch.ops.sfmkern.flow_loss_and_grad(sums, counts, flow, anchor, 0.3)):
+                assert torch.equal(loss, ref_loss) and torch.equal(grad, ref_grad)
+    z = features.clone().requires_grad_(True)
+    torch.ops.sfmkern.sfm_loss(z, labels, flow, None, 0.0, False, None, True)[0].backward()
+    z_ref = features.clone().requires_grad_(True)
+    reference.sfm_loss(z_ref, labels, flow).backward()
+    assert torch.allclose(z.grad, z_ref.grad, rtol=1e-5, atol=1e-8) and z.grad.abs().max() > 0
