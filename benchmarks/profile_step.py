@@ -8,8 +8,8 @@ memory is slow for reasons no kernel table shows). For the GPU, where Nsight Sys
     python benchmarks/profile_step.py --loss 1000 --no-steps        # only the fused loss's host overhead
 
 --loss N adds a profile of the fused loss alone (ops.sfm_loss forward + backward at N rows, D = 768, C = 1000, the
-shape of benchmarks/kernels.py's goal row): cProfile's Python functions by own time over 100 calls (at these sizes
-the host, not the kernels, sets the time) and torch.profiler's table of one call.
+shape of benchmarks/kernels.py's goal row): cProfile's Python functions by own time over 100 calls (--loss-calls; at
+these sizes the host, not the kernels, sets the time) and torch.profiler's table of one call.
 
 Prints only; nothing is appended to RESULTS.md (a profile is a diagnosis, not a figure).
 """
@@ -77,21 +77,22 @@ def profile_loss(n: int, args, device: torch.device, c: int = 1000, d: int = 768
     for _ in range(3):  # compilation, caches
         call()
     _sync(device)
+    calls = args.loss_calls
     t0 = time.perf_counter()
-    for _ in range(100):
+    for _ in range(calls):
         call()
     _sync(device)
-    per_call = (time.perf_counter() - t0) / 100
+    per_call = (time.perf_counter() - t0) / calls
     prof = cProfile.Profile()
     prof.enable()
-    for _ in range(100):
+    for _ in range(calls):
         call()
     _sync(device)
     prof.disable()
     out = io.StringIO()
     pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(args.rows)
     print(f"\n=== ops.sfm_loss forward + backward, N={n} D={d} C={c} fp32 on {device}: {per_call * 1e3:.3f} ms per "
-          f"call (100 calls); cProfile over 100 calls, by own time:", flush=True)
+          f"call ({calls} calls); cProfile over {calls} calls, by own time:", flush=True)
     print(out.getvalue(), flush=True)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as tp:
@@ -104,6 +105,8 @@ def main() -> int:
     parser = common.add_step_arguments(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]))
     parser.add_argument("--rows", type=int, default=25, help="rows of the kernel table")
     parser.add_argument("--loss", type=int, default=0, metavar="N", help="also profile the fused loss alone at N rows")
+    parser.add_argument("--loss-calls", type=int, default=100, metavar="K",
+                        help="calls timed and profiled with --loss (fewer for a smoke run)")
     parser.add_argument("--no-steps", action="store_true", help="skip the distillation steps (with --loss)")
     args = common.apply_preset(parser.parse_args())
     if args.methods == list(common.METHODS):

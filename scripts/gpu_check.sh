@@ -220,7 +220,7 @@ for part in $PARTS; do
         fi ;;
       profile)
         run_part profile $CPU_CAP env -u TRITON_INTERPRET bash -c "cd benchmarks && '$PY' profile_step.py --quick \
-          --grid 4x1x2 --methods sfm_single --loss 1000 --rows 8 --device cpu" ;;
+          --grid 4x1x2 --methods sfm_single --loss 1000 --loss-calls 10 --rows 8 --device cpu" ;;
     esac
   fi
 done

@@ -11,8 +11,15 @@ venv="${TRITON_COMPAT_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/sfmkern/venv-triton-
 py="$venv/bin/python"
 if ! "$py" -c "import triton, sys; sys.exit(triton.__version__ != '$version')" 2>/dev/null; then
   echo "triton_compat: creating $venv with triton==$version"
-  python3 -m venv --system-site-packages "$venv"
-  "$py" -m pip install -q --no-deps "triton==$version"
+  # no pip inside the venv (ensurepip took ~40 s of a CI run): the main interpreter's pip installs into it (--python,
+  # pip >= 22.3); an older pip falls back to a venv with its own pip
+  if python3 -m pip --help | grep -q -- '--python <python>'; then
+    python3 -m venv --without-pip --system-site-packages "$venv"
+    python3 -m pip --python "$py" install -q --no-deps "triton==$version"
+  else
+    python3 -m venv --system-site-packages "$venv"
+    "$py" -m pip install -q --no-deps "triton==$version"
+  fi
 fi
 "$py" -c "import triton, torch, numpy; print('triton_compat: triton', triton.__version__, '| torch', torch.__version__, '| numpy', numpy.__version__)"
 if [ "$#" -eq 0 ]; then
