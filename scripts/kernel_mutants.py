@@ -105,6 +105,10 @@ MUTANTS = [
     Mutant("segmented: class mask dropped at the store", "kernels/class_sums.py",
            "    mask = cls_ok[:, None] & col_ok[None, :]\n    tl.store(S_ptr",
            "    mask = (classes <= num_classes)[:, None] & col_ok[None, :]\n    tl.store(S_ptr"),
+    Mutant("segmented: features not upcast before the sum", "kernels/class_sums.py",
+           "x = tl.load(X_ptr + rows[:, None] * stride_x_row + cols[None, :], mask=ok, other=0.0).to(acc.dtype)",
+           "x = tl.load(X_ptr + rows[:, None] * stride_x_row + cols[None, :], mask=ok, other=0.0)",
+           equivalent="fp16/bf16 x meets the fp32 shift or accumulator first, and Triton promotes it exactly"),
     Mutant("launcher: column-strided features not copied", "kernels/class_sums.py",
            "    if features.stride(1) != 1 and features.shape[1] > 1:", "    if False:"),
     Mutant("launcher: segment offsets from unsorted labels", "kernels/class_sums.py",
@@ -144,6 +148,9 @@ MUTANTS = [
            "    cls_ok = cls <= num_classes\n    mask = cls_ok[:, None] & col_ok[None, :]\n    offs = cls.to(tl.int64)"
            "[:, None] * n_cols + cols[None, :]\n    real = tl.load(F_ptr + offs, mask=mask, other=0.0).to(acc_ty)\n"
            "    syn = tl.load(FT_ptr"),
+    Mutant("grad: column mask off by one", "kernels/sfm_loss.py",
+           "    col_ok = cols < n_cols\n    cls_ok = cls < num_classes\n",
+           "    col_ok = cols <= n_cols\n    cls_ok = cls < num_classes\n"),
     Mutant("grad: column mean of F dropped", "kernels/sfm_loss.py",
            "((unit_real - unit_mean[None, :]) - tl.load(SC_ptr + 4) * unit_syn)",
            "(unit_real - tl.load(SC_ptr + 4) * unit_syn)"),
@@ -160,6 +167,11 @@ MUTANTS = [
            " other=0.0)",
            "    grad = tl.load(G_ptr + labels[:, None] * n_cols + cols[None, :], mask=valid[:, None] & col_ok[None, :],"
            " other=0.0).to(OUT_ptr.dtype.element_ty)"),
+    Mutant("gather: row mask dropped at the store", "kernels/sfm_loss.py",
+           "    out_mask = row_ok[:, None] & col_ok[None, :]",
+           "    out_mask = (rows <= n_rows)[:, None] & col_ok[None, :]"),
+    Mutant("gather: bf16 ties rounded away from zero", "kernels/sfm_loss.py",
+           "        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16", "        rounded = (bits + 0x8000) >> 16"),
     Mutant("gather: grad_output scale ignored", "kernels/sfm_loss.py",
            "        grad = grad * tl.load(SCALE_ptr).to(grad.dtype)", "        grad = grad"),
     Mutant("launcher: strided counts not made contiguous (loss)", "kernels/sfm_loss.py",

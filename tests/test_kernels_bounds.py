@@ -16,9 +16,9 @@ import math
 import pytest
 import torch
 
-import sfmkern.kernels.class_sums as class_sums_mod
-import sfmkern.kernels.sfm_loss as sfm_loss_mod
-from sfmkern import ops, reference
+from sfmkern import kernels, ops, reference
+
+class_sums_mod, sfm_loss_mod = kernels.class_sums, kernels.sfm_loss  # the launcher modules
 
 INT_VIEW = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
             torch.bfloat16: torch.int16}

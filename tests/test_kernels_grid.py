@@ -227,3 +227,11 @@ def test_gather_rounds_once_to_the_output_dtype(monkeypatch, config, dtype):
     assert out.dtype == dtype
     err = (out.double() - exact).abs()
     assert (err <= bound).all(), f"{int((err > bound).sum())} of {err.numel()} elements beyond half an ulp"
+    # Exact ties (fp32 values halfway between two neighbours in `dtype`) go to the even neighbour, as torch's cast.
+    eps = torch.finfo(dtype).eps
+    ties = torch.tensor([1 + eps / 2, 1 + 3 * eps / 2, 2 + eps, 4 + 6 * eps, 0.5 + eps / 4, 3 + 3 * eps])
+    ties = torch.stack([ties, -ties])
+    labels = torch.tensor([0, 1, 1, 0])
+    expected = ties[labels].to(dtype)
+    assert not torch.equal(expected, (ties[labels] + ties[labels].abs() * eps / 8).to(dtype))  # they are ties
+    assert torch.equal(ops.feature_grad(ties, None, labels, dtype=dtype), expected)
