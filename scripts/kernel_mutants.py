@@ -16,11 +16,11 @@ left out of the kill rate, which is taken over the result-changing mutants.
     python scripts/kernel_mutants.py -j 2         # two mutants at a time (one temporary copy each)
 
 Run time: the unmutated kernel test files once (the baseline), then per killed mutant the tests up to its first
-failure (a survivor runs them all). Measured 2026-11-30 on the 2-core CI-class machine, -j 2, with the CPU shared
-(load average 6-9, this job getting 12-16% of it): baseline 849 s wall, ~120 s CPU; a killed mutant 120-380 s wall,
-~20-25 s CPU (a third of it importing torch and Triton). Idle, that is roughly 2 min + 36 x 22 s / 2 cores, about
-9 min in all (an estimate from the CPU times; no idle run was made). `-k planted` (the two planted bugs) runs in a
-few minutes.
+failure (a survivor runs them all). Measured 2026-11-30 on a 2-core machine shared with other jobs, -j 2:
+baseline 849 s wall (load average 6-7), ~120 s CPU; all 36 mutants (`-j 2 --no-baseline`) 1592 s wall at load
+average 2.7-9, 793 s CPU, i.e. ~22 s CPU per mutant (about a third of it importing torch and Triton). Idle, that is
+about 2 min + 793 s / 2 cores, ~9 min in all (an estimate from the CPU times; no idle run was made).
+`-k planted` (the two planted bugs) takes the baseline plus under a minute.
 Exit status 1 when a mutant survives or the unmutated tests fail; 2 when the harness itself cannot run.
 """
 
@@ -245,7 +245,7 @@ class Runner:
         elapsed = time.monotonic() - start
         if self.stopping.is_set():
             return "error", elapsed, "interrupted"
-        lines = [ln for ln in out.splitlines() if ln.startswith(("FAILED", "ERROR"))]
+        lines = [ln for ln in out.splitlines() if ln.startswith(("FAILED", "ERROR", "Fatal Python error"))]
         detail = lines[0] if lines else out[-300:].strip()
         if proc.returncode == 0:
             return "pass", elapsed, ""
