@@ -17,9 +17,9 @@ left out of the kill rate, which is taken over the result-changing mutants.
 
 Run time: the unmutated kernel test files once (the baseline), then per killed mutant the tests up to its first
 failure (a survivor runs them all). Measured 2026-11-30 on a 2-core machine shared with other jobs, -j 2:
-baseline 849 s wall (load average 6-7), ~120 s CPU; all 36 mutants (`-j 2 --no-baseline`) 1592 s wall at load
-average 2.7-9, 793 s CPU, i.e. ~22 s CPU per mutant (about a third of it importing torch and Triton). Idle, that is
-about 2 min + 793 s / 2 cores, ~9 min in all (an estimate from the CPU times; no idle run was made).
+baseline (66 tests) 849 s wall at load average 6-7, 102 s at load 1; all 36 mutants (`-j 2 --no-baseline`) 1592 s
+wall at load average 2.7-9, 793 s CPU, i.e. ~22 s CPU per mutant (about a third of it importing torch and Triton).
+Idle, that is about 100 s + 793 s / 2 cores, ~8-9 min in all (an estimate from the CPU times; no idle run was made).
 `-k planted` (the two planted bugs) takes the baseline plus under a minute.
 Exit status 1 when a mutant survives or the unmutated tests fail; 2 when the harness itself cannot run.
 """
