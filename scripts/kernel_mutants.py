@@ -3,16 +3,25 @@
 
 Each mutant is one single-line edit (masks, partial indices, per-block accumulation, strides, dtype casts, launcher
 mistakes; the first two are the bugs planted in issue 12). For each, the repository's kernels/, sfmkern/ and tests/ are
-copied to a temporary directory (the working tree is never modified: an interrupted run, Ctrl-C included, leaves it
-as it was and removes the copy), the edit is applied there, and the kernel tests run under TRITON_INTERPRET=1 with -x
-(the cheapest, most sensitive tests first, so a killed mutant stops early). A mutant is killed when the tests fail.
+copied to a temporary directory (the working tree is never modified: an interrupted run, Ctrl-C or SIGTERM, leaves it
+as it was, stops the test processes and removes the copies), the edit is applied there, and the kernel tests run
+under TRITON_INTERPRET=1 with -x, in the order of TEST_ORDER (the cheapest, most sensitive tests first, so that a
+killed mutant stops within seconds). A mutant is killed when a test fails (or the run crashes or hangs). A mutant
+marked `equivalent` (with its one-line reason: no input the API accepts can tell it apart) is listed, not run, and
+left out of the kill rate, which is taken over the result-changing mutants.
 
     python scripts/kernel_mutants.py              # all mutants; prints each verdict and the kill rate
     python scripts/kernel_mutants.py -k planted   # mutants whose name contains "planted"
     python scripts/kernel_mutants.py --list
-    python scripts/kernel_mutants.py -j 4         # four mutants at a time (one temporary copy each)
+    python scripts/kernel_mutants.py -j 2         # two mutants at a time (one temporary copy each)
 
-Exit status 1 when a mutant survives or the unmutated tests fail.
+Run time: the unmutated kernel test files once (the baseline), then per killed mutant the tests up to its first
+failure (a survivor runs them all). Measured 2026-11-30 on a 2-core machine shared with other jobs, -j 2:
+baseline (66 tests) 849 s wall at load average 6-7, 102 s at load 1; all 36 mutants (`-j 2 --no-baseline`) 1592 s
+wall at load average 2.7-9, 793 s CPU, i.e. ~22 s CPU per mutant (about a third of it importing torch and Triton).
+Idle, that is about 100 s + 793 s / 2 cores, ~8-9 min in all (an estimate from the CPU times; no idle run was made).
+`-k planted` (the two planted bugs) takes the baseline plus under a minute.
+Exit status 1 when a mutant survives or the unmutated tests fail; 2 when the harness itself cannot run.
 """
 
 from __future__ import annotations
@@ -22,20 +31,43 @@ import concurrent.futures
 import os
 import queue
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-SMALL = "tests/test_kernels_grid.py::test_small_multiblock"
-GRID = "tests/test_kernels_grid.py"
-STRIDES = "tests/test_kernels_strides.py"
-ANCHOR = "tests/test_kernels_anchor.py"
-DEFAULT_TESTS = (SMALL, STRIDES, ANCHOR, GRID)
+# The tests every mutant runs, in this order (node-id prefixes; an item runs at the first prefix it matches). pytest
+# would otherwise merge a test named on the command line into its file's position, so the order is imposed by a
+# small plugin (ORDER_PLUGIN) instead.
+TEST_ORDER = (
+    "tests/test_kernels_grid.py::test_small_multiblock",
+    "tests/test_kernels_strides.py::test_launchers_read_strided_and_expanded_labels_in_place",
+    "tests/test_kernels_strides.py::test_loss_launcher_takes_strided_inputs",
+    "tests/test_kernels_grid.py::test_gather_rounds_once_to_the_output_dtype",
+    "tests/test_kernels_bounds.py",
+    "tests/test_kernels_strides.py",
+    "tests/test_kernels_anchor.py",
+    "tests/test_kernels_grid.py",
+)
+TEST_FILES = tuple(dict.fromkeys(t.split("::")[0] for t in TEST_ORDER))
+ORDER_PLUGIN = """
+import os
+
+
+def pytest_collection_modifyitems(session, config, items):
+    order = os.environ["KERNEL_MUTANTS_ORDER"].split("|")
+
+    def rank(item):
+        return next((i for i, prefix in enumerate(order) if item.nodeid.startswith(prefix)), len(order))
+
+    items.sort(key=rank)  # stable: pytest's own order within a rank
+"""
 
 
 @dataclass(frozen=True)
@@ -44,7 +76,7 @@ class Mutant:
     path: str  # relative to the repository root
     find: str  # must occur exactly once in the file
     replace: str
-    tests: tuple[str, ...] = DEFAULT_TESTS
+    equivalent: str = ""  # why no accepted input tells the mutant apart (then it is listed, not run)
 
 
 MUTANTS = [
@@ -77,6 +109,10 @@ MUTANTS = [
     Mutant("segmented: class mask dropped at the store", "kernels/class_sums.py",
            "    mask = cls_ok[:, None] & col_ok[None, :]\n    tl.store(S_ptr",
            "    mask = (classes <= num_classes)[:, None] & col_ok[None, :]\n    tl.store(S_ptr"),
+    Mutant("segmented: features not upcast before the sum", "kernels/class_sums.py",
+           "x = tl.load(X_ptr + rows[:, None] * stride_x_row + cols[None, :], mask=ok, other=0.0).to(acc.dtype)",
+           "x = tl.load(X_ptr + rows[:, None] * stride_x_row + cols[None, :], mask=ok, other=0.0)",
+           equivalent="fp16/bf16 x meets the fp32 shift or accumulator first, and Triton promotes it exactly"),
     Mutant("launcher: column-strided features not copied", "kernels/class_sums.py",
            "    if features.stride(1) != 1 and features.shape[1] > 1:", "    if False:"),
     Mutant("launcher: segment offsets from unsorted labels", "kernels/class_sums.py",
@@ -116,6 +152,9 @@ MUTANTS = [
            "    cls_ok = cls <= num_classes\n    mask = cls_ok[:, None] & col_ok[None, :]\n    offs = cls.to(tl.int64)"
            "[:, None] * n_cols + cols[None, :]\n    real = tl.load(F_ptr + offs, mask=mask, other=0.0).to(acc_ty)\n"
            "    syn = tl.load(FT_ptr"),
+    Mutant("grad: column mask off by one", "kernels/sfm_loss.py",
+           "    col_ok = cols < n_cols\n    cls_ok = cls < num_classes\n",
+           "    col_ok = cols <= n_cols\n    cls_ok = cls < num_classes\n"),
     Mutant("grad: column mean of F dropped", "kernels/sfm_loss.py",
            "((unit_real - unit_mean[None, :]) - tl.load(SC_ptr + 4) * unit_syn)",
            "(unit_real - tl.load(SC_ptr + 4) * unit_syn)"),
@@ -132,6 +171,11 @@ MUTANTS = [
            " other=0.0)",
            "    grad = tl.load(G_ptr + labels[:, None] * n_cols + cols[None, :], mask=valid[:, None] & col_ok[None, :],"
            " other=0.0).to(OUT_ptr.dtype.element_ty)"),
+    Mutant("gather: row mask dropped at the store", "kernels/sfm_loss.py",
+           "    out_mask = row_ok[:, None] & col_ok[None, :]",
+           "    out_mask = (rows <= n_rows)[:, None] & col_ok[None, :]"),
+    Mutant("gather: bf16 ties rounded away from zero", "kernels/sfm_loss.py",
+           "        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16", "        rounded = (bits + 0x8000) >> 16"),
     Mutant("gather: grad_output scale ignored", "kernels/sfm_loss.py",
            "        grad = grad * tl.load(SCALE_ptr).to(grad.dtype)", "        grad = grad"),
     Mutant("launcher: strided counts not made contiguous (loss)", "kernels/sfm_loss.py",
@@ -154,54 +198,108 @@ def _copy_tree(dest: Path) -> None:
     link = dest / "sfmkern" / "kernels"
     if not link.exists():  # the package reaches the kernels through sfmkern/kernels -> ../kernels
         link.symlink_to("../kernels")
+    (dest / "_kernel_mutants_order.py").write_text(ORDER_PLUGIN)
 
 
-def _run_tests(workdir: Path, tests: tuple[str, ...], timeout: float) -> tuple[str, float, str]:
-    env = dict(os.environ, PYTHONPATH=str(workdir), TRITON_INTERPRET="1", HF_HUB_OFFLINE="1",
-               OMP_WAIT_POLICY="PASSIVE", PYTHONDONTWRITEBYTECODE="1")
-    env.pop("SFMKERN_BACKEND", None)
-    env.pop("SFMKERN_GPU_LAUNCH", None)
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-o", "addopts=", *tests]
-    start = time.monotonic()
-    try:
-        proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return "timeout", time.monotonic() - start, ""
-    elapsed = time.monotonic() - start
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(("FAILED", "ERROR"))]
-    return ("pass" if proc.returncode == 0 else "fail"), elapsed, (lines[0] if lines else proc.stdout[-300:])
+class Runner:
+    """Runs the ordered kernel tests in a copy; `stop()` ends every running test process (Ctrl-C, SIGTERM)."""
+
+    def __init__(self, timeout: float):
+        self.timeout = timeout
+        self.stopping = threading.Event()
+        self._procs: set[subprocess.Popen] = set()
+        self._lock = threading.Lock()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        with self._lock:
+            for proc in self._procs:
+                if proc.poll() is None:
+                    proc.kill()
+
+    def run(self, workdir: Path) -> tuple[str, float, str]:
+        """(verdict, seconds, first failure): verdict "pass", "fail" (a test failed), "crash" (killed by a signal
+        or a collection error), "timeout", or "error" (pytest could not run the tests: usage error, no tests)."""
+        env = dict(os.environ, PYTHONPATH=str(workdir), TRITON_INTERPRET="1", HF_HUB_OFFLINE="1",
+                   OMP_WAIT_POLICY="PASSIVE", PYTHONDONTWRITEBYTECODE="1", KERNEL_MUTANTS_ORDER="|".join(TEST_ORDER))
+        env.pop("SFMKERN_BACKEND", None)
+        env.pop("SFMKERN_GPU_LAUNCH", None)
+        cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p", "_kernel_mutants_order",
+               "-o", "addopts=", *TEST_FILES]
+        start = time.monotonic()
+        with self._lock:
+            if self.stopping.is_set():
+                return "error", 0.0, "interrupted"
+            proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True)
+            self._procs.add(proc)
+        try:
+            out, _ = proc.communicate(timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            return "timeout", time.monotonic() - start, ""
+        finally:
+            with self._lock:
+                self._procs.discard(proc)
+        elapsed = time.monotonic() - start
+        if self.stopping.is_set():
+            return "error", elapsed, "interrupted"
+        lines = [ln for ln in out.splitlines() if ln.startswith(("FAILED", "ERROR", "Fatal Python error"))]
+        detail = lines[0] if lines else out[-300:].strip()
+        if proc.returncode == 0:
+            return "pass", elapsed, ""
+        if proc.returncode == 1:
+            return "fail", elapsed, detail
+        if proc.returncode < 0 or "during collection" in out:
+            return "crash", elapsed, detail or f"exit status {proc.returncode}"
+        return "error", elapsed, f"pytest exit status {proc.returncode}: {detail}"
+
+
+STATES = {"fail": "killed", "crash": "killed (crash)", "timeout": "killed (timeout)", "pass": "SURVIVED",
+          "error": "ERROR"}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-k", default="", help="only mutants whose name contains this text")
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
-    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per mutant (a hang counts as killed)")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="seconds per mutant; a hang counts as killed (default: 3x the baseline, else 3600)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the unmutated run")
     parser.add_argument("-j", "--jobs", type=int, default=1, help="mutants tested in parallel (one copy each)")
     args = parser.parse_args(argv)
-    mutants = [m for m in MUTANTS if args.k in m.name]
+    selected = [m for m in MUTANTS if args.k in m.name]
     if args.list:
-        for m in mutants:
-            print(f"{m.path}: {m.name}")
+        for m in selected:
+            print(f"{m.path}: {m.name}" + (f"  [equivalent: {m.equivalent}]" if m.equivalent else ""))
         return 0
-    for m in mutants:  # every edit must apply to the current sources exactly once
+    for m in selected:  # every edit must apply to the current sources exactly once
         count = (ROOT / m.path).read_text().count(m.find)
         if count != 1:
             print(f"mutant {m.name!r}: its line occurs {count} times in {m.path}; update the harness")
             return 2
+    equivalent = [m for m in selected if m.equivalent]
+    mutants = [m for m in selected if not m.equivalent]
+    for m in equivalent:
+        print(f"[ -/{len(mutants)}] equivalent                {m.path}: {m.name}\n       ({m.equivalent})")
     tmp = Path(tempfile.mkdtemp(prefix="sfmkern-mutants-"))
+    runner = Runner(args.timeout if args.timeout is not None else 3600.0)
+    previous = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    began = time.monotonic()
     try:
         workers = max(1, args.jobs)
         copies = [tmp / f"copy{i}" for i in range(workers)]
         for copy in copies:
             _copy_tree(copy)
         if not args.no_baseline:
-            verdict, elapsed, detail = _run_tests(copies[0], DEFAULT_TESTS, args.timeout)
+            verdict, elapsed, detail = runner.run(copies[0])
             print(f"baseline (unmutated): {verdict} in {elapsed:.0f} s", flush=True)
             if verdict != "pass":
                 print(detail)
                 return 1
+            if args.timeout is None:  # a survivor runs the whole suite: leave room for a slower, loaded run
+                runner.timeout = 3 * elapsed
         free = queue.Queue()
         for copy in copies:
             free.put(copy)
@@ -212,34 +310,42 @@ def main(argv=None) -> int:
             original = target.read_text()
             try:
                 target.write_text(original.replace(m.find, m.replace, 1))
-                return _run_tests(copy, m.tests, args.timeout)
+                return runner.run(copy)
             finally:
                 target.write_text(original)
                 free.put(copy)
 
-        survivors, killed = [], 0
+        survivors, errors, killed = [], [], 0
         pool = concurrent.futures.ThreadPoolExecutor(workers)
         try:
             results = zip(mutants, pool.map(run_one, mutants), strict=True)
             for i, (m, (verdict, elapsed, detail)) in enumerate(results, 1):
-                dead = verdict != "pass"
-                killed += dead
-                if not dead:
+                killed += verdict in ("fail", "crash", "timeout")
+                if verdict == "pass":
                     survivors.append(m)
-                state = {"fail": "killed", "timeout": "killed (timeout)", "pass": "SURVIVED"}[verdict]
-                print(f"[{i:2d}/{len(mutants)}] {state:16s} {elapsed:6.1f} s  {m.path}: {m.name}"
-                      + (f"\n       by {detail}" if dead and detail else ""), flush=True)
-        finally:  # on Ctrl-C: drop the mutants not started yet (the running test processes get the SIGINT too)
+                elif verdict == "error":
+                    errors.append(m)
+                print(f"[{i:2d}/{len(mutants)}] {STATES[verdict]:16s} {elapsed:6.1f} s  {m.path}: {m.name}"
+                      + (f"\n       by {detail}" if verdict != "pass" and detail else ""), flush=True)
+        finally:  # on Ctrl-C / SIGTERM: end the running tests, drop the mutants not started yet
+            runner.stop()
             pool.shutdown(wait=True, cancel_futures=True)
         rate = 100.0 * killed / max(len(mutants), 1)
-        print(f"kill rate: {killed}/{len(mutants)} = {rate:.1f}%")
+        print(f"kill rate: {killed}/{len(mutants)} = {rate:.1f}% of the result-changing mutants "
+              f"({len(equivalent)} equivalent, not run) in {time.monotonic() - began:.0f} s with -j {workers}")
         for m in survivors:
             print(f"  survivor: {m.path}: {m.name}")
+        for m in errors:
+            print(f"  not tested (harness error): {m.path}: {m.name}")
+        if errors:
+            return 2
         return 0 if not survivors else 1
     except KeyboardInterrupt:
+        runner.stop()
         print("interrupted: the working tree was never modified; removing the copies")
         return 130
     finally:
+        signal.signal(signal.SIGTERM, previous)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

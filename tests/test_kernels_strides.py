@@ -117,6 +117,59 @@ def test_strided_counts_sums_flows_and_grads(path):
         assert rel_err(out, ref) <= 1e-5  # the issue: non-contiguous counts were off by 0.39
 
 
+@pytest.mark.parametrize("config", ("wide", "gpu-launch"))
+def test_launchers_read_strided_and_expanded_labels_in_place(monkeypatch, config):
+    """The launchers' own contract: labels of any stride (2, and 0 for expanded labels) are read in place through
+    stride_y, on the atomic class-sum path (with and without the shift) and in the gather. The ops layer makes labels
+    contiguous before it launches, so only a direct launch reaches these strides: this test keeps the launchers true
+    to their docstrings (and kills the mutants that read labels as contiguous)."""
+    from sfmkern.kernels import class_sums_triton, feature_grad_triton
+
+    monkeypatch.setenv("SFMKERN_GPU_LAUNCH", "1" if config == "gpu-launch" else "0")
+    c = 3
+    features, labels, _ = _problem(n=45, c=c, d=300)
+    shift = features[0]
+    gen = torch.Generator().manual_seed(4)
+    grad = torch.randn(c, 300, generator=gen)
+    scale = torch.tensor(1.5)
+    expanded = torch.full((1,), 2, dtype=torch.int64).expand(45)
+    for name, labs in (("stride 2", strided(labels)), ("stride 0", expanded)):
+        assert labs.stride(0) != 1, name
+        plain = labs.contiguous()
+        sums64, counts64 = reference.class_sums(features.double(), plain, c)
+        sums, counts = class_sums_triton(features, labs, c)
+        assert torch.equal(counts, counts64) and rel_err(sums, sums64) <= 1e-6, name
+        shifted, _ = class_sums_triton(features, labs, c, shift=shift)
+        ref = sums64 - counts64[:, None].double() * shift.double()
+        assert rel_err(shifted, ref) <= 1e-6, name
+        counts_all = counts64.clamp(min=1)  # the gather divides by n_c: every class needs a non-zero count
+        ref = reference.feature_grad(grad.double(), counts_all, plain, scale=scale.double(), dtype=torch.float64)
+        for cnt in (counts_all, strided(counts_all)):  # strided counts: the launcher copies them
+            out = feature_grad_triton(grad, cnt, labs, scale=scale)
+            assert rel_err(out, ref) <= 1e-6, (name, cnt.stride())
+
+
+@pytest.mark.parametrize("config", ("wide", "gpu-launch"))
+def test_loss_launcher_takes_strided_inputs(monkeypatch, config):
+    """flow_loss_and_grad_triton's contract: sums, counts, flow and anchor of any strides (copied to contiguous;
+    they are C x D). The ops layer passes contiguous counts, so only a direct launch checks the launcher's copy."""
+    from sfmkern.kernels import flow_loss_and_grad_triton
+
+    monkeypatch.setenv("SFMKERN_GPU_LAUNCH", "1" if config == "gpu-launch" else "0")
+    c, d = 21, 70
+    gen = torch.Generator().manual_seed(6)
+    counts = torch.randint(1, 9, (c,), generator=gen)
+    sums = torch.randn(c, d, generator=gen) * counts[:, None]
+    flow = ops.real_flow(torch.randn(c, d, generator=gen))
+    anchor = torch.randn(c, d, generator=gen)
+    for kwargs in ({}, {"anchor": anchor.t().contiguous().t(), "anchor_weight": 0.5}):
+        kwargs64 = {k: v.double() if torch.is_tensor(v) else v for k, v in kwargs.items()}
+        loss64, grad64 = reference.flow_loss_and_grad(sums.double(), counts, flow.double(), **kwargs64)
+        loss, grad = flow_loss_and_grad_triton(sums.t().contiguous().t(), strided(counts), strided(flow), **kwargs)
+        assert abs(loss.item() - loss64.item()) <= 1e-5 * loss64.item(), (kwargs.keys(), loss.item(), loss64.item())
+        assert rel_err(grad, grad64) <= 1e-5, kwargs.keys()
+
+
 @pytest.mark.parametrize("backend", ("torch", "triton"))
 def test_zero_real_flow_is_a_clear_error(monkeypatch, backend):
     monkeypatch.setenv("SFMKERN_BACKEND", backend)
