@@ -34,6 +34,7 @@ def colour_matrix(dtype: torch.dtype = torch.float32, device=None) -> torch.Tens
 
 
 @functools.cache
+@torch.inference_mode(False)  # a normal tensor even if first asked for under inference_mode (autograd saves it later)
 def _colour_matrix(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     m = torch.tensor(COLOUR_CORRELATION, dtype=torch.float64)
     m = m / m.norm(dim=0).max()
@@ -100,6 +101,7 @@ def bilinear_matrix(src: int, dst: int, dtype: torch.dtype = torch.float32, devi
 
 
 @functools.lru_cache(maxsize=256)
+@torch.inference_mode(False)  # as _colour_matrix: cached for later autograd use
 def _bilinear_matrix(src: int, dst: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     rows = torch.arange(dst, dtype=torch.int64, device=device)
     pos = ((rows.to(torch.float64) + 0.5) * (src / dst) - 0.5).clamp_min(0.0)

@@ -155,3 +155,18 @@ def test_upsample_sum_equals_interpolate_forward_and_backward(src, dst):
     torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
     for a, b in zip(grads, expected, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_cached_constants_made_under_inference_mode_still_serve_autograd():
+    """decode's cached matrices are normal tensors even when first made under inference_mode (exporting images),
+    so a later differentiable decode can save them for backward."""
+    from sfmkern import synthetic
+
+    synthetic._colour_matrix.cache_clear()
+    synthetic._bilinear_matrix.cache_clear()
+    levels = [torch.randn(2, 3, s, s) for s in (1, 2, 8)]
+    with torch.inference_mode():
+        decode(levels, 8)
+    leaves = [level.clone().requires_grad_(True) for level in levels]
+    decode(leaves, 8).sum().backward()
+    assert all(leaf.grad is not None and torch.isfinite(leaf.grad).all() for leaf in leaves)
