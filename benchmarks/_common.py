@@ -41,6 +41,12 @@ CPU_CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "OMP_WAIT_POLICY": "PASSIVE
 
 
 # ------------------------------------------------------------------------------------------------ environment
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA); nothing to wait for on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def versions(*extra: str) -> str:
     """"torch X, triton Y, timm Z" plus the modules named in `extra` (e.g. "torchvision", "PIL"); every import but
     torch's is lazy and optional, so a machine without triton or timm still gets a line."""

@@ -29,20 +29,15 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def profile_case(backbone, c: int, ipc: int, augs: int, method: str, args, device: torch.device) -> None:
     case = common.make_case(backbone, c, ipc, augs, syn_res=args.syn_res, crop=args.crop, chunk=args.chunk)
     common.prepare(case, method)
     common.run_step(case, method)  # warm-up: compilation, workspaces, allocator pools
-    _sync(device)
+    common.sync(device)
     retries0 = torch.cuda.memory_stats(device).get("num_alloc_retries", 0) if device.type == "cuda" else 0
     t0 = time.perf_counter()
     float(common.run_step(case, method))
-    _sync(device)
+    common.sync(device)
     wall = time.perf_counter() - t0
     retries = (torch.cuda.memory_stats(device).get("num_alloc_retries", 0) - retries0) if device.type == "cuda" else 0
     with FlopCounterMode(display=False) as counter:
@@ -51,7 +46,7 @@ def profile_case(backbone, c: int, ipc: int, augs: int, method: str, args, devic
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         float(common.run_step(case, method))
-        _sync(device)
+        common.sync(device)
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(f"\n=== {method} {case.key()} ({case.views} views): {wall:.3f} s/step, {flops / 1e9:.1f} GFLOP, "
           f"{flops / wall / 1e12:.1f} TFLOP/s, allocator retries in the timed step: {retries}", flush=True)
@@ -76,18 +71,18 @@ def profile_loss(n: int, args, device: torch.device, c: int = 1000, d: int = 768
 
     for _ in range(3):  # compilation, caches
         call()
-    _sync(device)
+    common.sync(device)
     calls = args.loss_calls
     t0 = time.perf_counter()
     for _ in range(calls):
         call()
-    _sync(device)
+    common.sync(device)
     per_call = (time.perf_counter() - t0) / calls
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(calls):
         call()
-    _sync(device)
+    common.sync(device)
     prof.disable()
     out = io.StringIO()
     pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(args.rows)
@@ -97,7 +92,7 @@ def profile_loss(n: int, args, device: torch.device, c: int = 1000, d: int = 768
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as tp:
         call()
-        _sync(device)
+        common.sync(device)
     print(tp.key_averages().table(sort_by="cpu_time_total", row_limit=args.rows, max_name_column_width=70), flush=True)
 
 

@@ -33,11 +33,6 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def matmul_peak(device: torch.device, n: int = 8192, iters: int = 20) -> float:
     """Measured dense bf16 matmul rate in FLOP/s (n×n @ n×n, best of 3 timings of `iters` products)."""
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
@@ -46,11 +41,11 @@ def matmul_peak(device: torch.device, n: int = 8192, iters: int = 20) -> float:
         a @ b
     best = float("inf")
     for _ in range(3):
-        _sync(device)
+        common.sync(device)
         t0 = time.perf_counter()
         for _ in range(iters):
             a @ b
-        _sync(device)
+        common.sync(device)
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 * iters / best
 
@@ -66,10 +61,10 @@ def _timed_step(case, method: str, device, real_batch=None) -> tuple[float, floa
     """(wall seconds, this process's CPU seconds) of one step (None on CUDA out-of-memory)."""
     common.prepare(case, method)
     try:
-        _sync(device)
+        common.sync(device)
         t0, c0 = time.perf_counter(), time.process_time()
         float(common.run_step(case, method, real_batch))
-        _sync(device)
+        common.sync(device)
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
         return None
@@ -157,7 +152,7 @@ def _one_recipe(args, backbone, device, folder: Path, c: int, ipc: int):
         loader_rate[a] = 2 * c * ipc * a / (time.perf_counter() - t0)  # queue empty at start: the loader alone
         steps = []
         for k in range(args.repeats + 2):
-            _sync(device)
+            common.sync(device)
             t0 = time.perf_counter()
             batch = next(loader)
             _timed_step(cases[a], "lgm", device, batch)  # LGM's step: forward, backward, Adam
@@ -230,11 +225,11 @@ def main() -> int:
                     continue
                 common.prepare(case, m)
                 try:
-                    _sync(device)
+                    common.sync(device)
                     t0, c0 = time.perf_counter(), time.process_time()
                     loss = common.run_step(case, m)
                     float(loss)
-                    _sync(device)
+                    common.sync(device)
                 except torch.cuda.OutOfMemoryError:
                     cells[m]["oom"] = True
                     torch.cuda.empty_cache()
