@@ -15,17 +15,13 @@ import contextlib
 
 import pytest
 import torch
+from conftest import rel_err
 
 from sfmkern import ops, reference
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 SMALL = {"syn_res": 32, "crop": 32}
-
-
-def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    x, ref = x.detach().double(), ref.detach().double()
-    return float(torch.linalg.vector_norm(x - ref) / torch.linalg.vector_norm(ref).clamp_min(1e-300))
 
 
 def skewed_labels(n: int, c: int, order: str, gen: torch.Generator) -> torch.Tensor:

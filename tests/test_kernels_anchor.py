@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import rel_err
 
 from sfmkern import ops, reference
 
@@ -30,10 +31,6 @@ def _by_definition(features, labels, centres, anchor, lam):
     flow_loss = reference.sfm_loss(features, labels, reference.real_flow(centres))
     spread = ((anchor - anchor.mean(0)) ** 2).sum()
     return flow_loss + lam * ((means - anchor) ** 2).sum() / spread
-
-
-def rel_err(x, ref):
-    return (torch.linalg.vector_norm(x.double() - ref.double()) / torch.linalg.vector_norm(ref.double())).item()
 
 
 @pytest.fixture(params=("wide", "gpu"))

@@ -15,6 +15,7 @@ import math
 
 import pytest
 import torch
+from conftest import rel_err
 
 from sfmkern import kernels, ops, reference
 
@@ -96,10 +97,6 @@ def guard(request, monkeypatch):
     monkeypatch.setattr(sfm_loss_mod, "torch", GuardedTorch(g))
     yield g
     g.check()
-
-
-def rel_err(x, ref):
-    return (torch.linalg.vector_norm(x.double() - ref.double()) / torch.linalg.vector_norm(ref.double())).item()
 
 
 @pytest.mark.parametrize("order", ("unsorted", "sorted", "deterministic"))

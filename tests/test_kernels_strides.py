@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import rel_err
 
 from sfmkern import ops, reference
-
-
-def rel_err(x, ref):
-    return (torch.linalg.vector_norm(x.double() - ref.double()) / torch.linalg.vector_norm(ref.double())).item()
 
 
 @pytest.fixture(params=("torch", "triton-wide", "triton-gpu-launch"))

@@ -11,6 +11,7 @@ import sys
 import pytest
 import sfmkern.kernels as kernels
 import torch
+from conftest import rel_err
 
 from sfmkern import ops, reference
 
@@ -22,10 +23,6 @@ def make_problem(n, c, d, *, dtype=torch.float32, seed=0, sort=False):
     features = (torch.randn(n, d, generator=gen) + 0.25).to(dtype)
     centres = torch.randn(c, d, generator=gen)
     return features, labels, centres
-
-
-def rel_err(x, ref):
-    return (torch.linalg.vector_norm(x.double() - ref.double()) / torch.linalg.vector_norm(ref.double())).item()
 
 
 # ---------------------------------------------------------------------------------------------------------- gradcheck
