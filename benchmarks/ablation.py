@@ -86,6 +86,11 @@ _NOT_TRAJECTORY = {"ipc", "steps", "syn_res", "crop", "seed", "device", "max_mem
                    "chunk_size", "checkpoint_every", "progress", "log_every", "mode", "classes", "init_data"}
 
 
+# keywords distill() exposed after cells were recorded, with the value the step had always used then: at that value
+# they stay out of the key (the trajectory is the same), so those cells stay valid; any other value enters the key
+_EXPOSED_LATER = {"flip_p": repr(0.5), "ratio": repr((3 / 4, 4 / 3))}
+
+
 def library_defaults() -> dict:
     """distill()'s keyword defaults that shape the images, as reprs."""
     from sfmkern.pipeline import distill
@@ -99,7 +104,7 @@ def effective_kwargs(kwargs: dict, defaults: dict | None = None) -> dict:
     cell is keyed by what it ran, and goes stale exactly when the library changes a default the variant relies on."""
     out = dict(library_defaults() if defaults is None else defaults)
     out.update({k: repr(tuple(v) if isinstance(v, list) else v) for k, v in kwargs.items()})
-    return out
+    return {k: v for k, v in out.items() if _EXPOSED_LATER.get(k) != v}
 
 
 def _data_ident(dataset: str, cfg: dict):

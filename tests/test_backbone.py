@@ -212,3 +212,25 @@ def test_efficientnet_lite_offline_adapter(name, size):
     assert top[0] in (ESPRESSO, CUP), top
     assert top[1] in CATS, top
     assert probs[0, ESPRESSO] > 0.3 and probs[1, sorted(CATS)].sum() > 0.5
+
+
+def test_channels_last_for_conv_nets_same_features_grads_and_fingerprint():
+    """Convolutional models run channels-last by default (ViTs do not); features, input gradients and the
+    fingerprint equal those of the plain layout (float32 rounding of a different convolution algorithm only)."""
+    assert load_backbone("vit_tiny_patch16_224", pretrained=False, img_size=32, device="cpu").channels_last is False
+    outs = {}
+    for cl in (None, False):
+        torch.manual_seed(3)
+        bb = load_backbone("resnet10t", pretrained=False, img_size=40, device="cpu", channels_last=cl)
+        assert bb.channels_last is (cl is None)
+        torch.manual_seed(4)
+        x = torch.rand(3, 3, 40, 40, requires_grad=True)
+        w = torch.randn(3, bb.feature_dim)
+        f = bb.features(x)
+        (f * w).sum().backward()
+        outs[cl] = (f.detach().double(), x.grad.double(), bb.fingerprint)
+        assert _params_untouched(bb.model)
+    (f1, g1, fp1), (f0, g0, fp0) = outs[None], outs[False]
+    assert fp1 == fp0
+    assert (f1 - f0).norm() / f0.norm() < 1e-5
+    assert (g1 - g0).norm() / g0.norm() < 1e-5 and g0.abs().sum() > 0
