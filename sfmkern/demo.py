@@ -130,9 +130,9 @@ class DemoSettings:
 
 PRESETS: dict[str, dict] = {
     # The README demo on a 2-core CPU in under 15 minutes: 2000 training images per class for the statistics and the
-    # baselines (a third of the split), all 10000 test images. From the real start 300 steps at 1 IPC are enough
-    # (docs/distill.md); 10 IPC costs 10x the backbone work per step, so it runs 100 steps (PRESETS_CUDA lifts these).
-    "full": dict(train_per_class=2000, steps=(300, 100), view_bank=10),
+    # baselines (a third of the split), all 10000 test images. From the real start 200 steps at 1 IPC are enough
+    # (docs/distill.md); 10 IPC costs 10x the backbone work per step, so it runs 60 steps (PRESETS_CUDA lifts these).
+    "full": dict(train_per_class=2000, steps=(200, 60), view_bank=10),
     # CI: a few minutes on 2 idle CPU cores; 30 steps at 10 IPC widen the gate's margin (docs/distill.md).
     "quick": dict(train_per_class=300, test_per_class=100, steps=(150, 30), epochs=300, runs=2, view_bank=6,
                   gate=True),
