@@ -129,7 +129,7 @@ class DemoSettings:
 
 
 PRESETS: dict[str, dict] = {
-    # The README demo on a 2-core CPU in under 15 minutes: 2000 training images per class for the statistics and the
+    # The README demo on 2 idle CPU cores in about 8 minutes: 2000 training images per class for the statistics and the
     # baselines (a third of the split), all 10000 test images. From the real start 200 steps at 1 IPC are enough
     # (docs/distill.md); 10 IPC costs 10x the backbone work per step, so it runs 60 steps (PRESETS_CUDA lifts these).
     "full": dict(train_per_class=2000, steps=(200, 60), view_bank=10),
