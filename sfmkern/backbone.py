@@ -396,7 +396,8 @@ def load_backbone(name: str, *, pretrained: bool = True, checkpoint: str | os.Pa
     channels_last: run on channels-last activations (None: for convolutional models, i.e. more than one Conv2d;
     a ViT's patch embedding alone does not count). The weights, the fingerprint and the features are the same
     up to float rounding; oneDNN's and cuDNN's channels-last convolutions are the fast ones (efficientnet-lite0 at
-    128 px, 100 images, 2 idle CPU cores: forward + backward 1.7x, forward alone 1.2x; `benchmarks/channels_last.py`).
+    128 px, 100 images, 2 idle CPU cores: forward + backward 1.4-1.7x, forward alone 1.2-1.3x;
+    `benchmarks/channels_last.py`).
     """
     import timm
     from timm.data import resolve_data_config
