@@ -26,19 +26,23 @@ def _one_line(exc: pytest.ExceptionInfo, *parts: str) -> None:
     assert "\n" not in text and all(p in text for p in parts), text
 
 
+def _refused(call, *parts: str) -> None:
+    """`call()` raises a one-line ValueError that contains every part."""
+    with pytest.raises(ValueError) as exc:
+        call()
+    _one_line(exc, *parts)
+
+
 def test_stats_round_trip_and_refusals(tmp_path):
     stats = _stats()
     path = stats.save(tmp_path / "s.safetensors")
     loaded = ClassStats.load(path, backbone=BACKBONE, crop=32)
     assert loaded.fingerprint == stats.fingerprint and torch.equal(loaded.centres, stats.centres)
-    with pytest.raises(ValueError) as exc:
-        ClassStats.load(path, backbone=OTHER_BACKBONE)
-    _one_line(exc, str(path), "weights differ")
+    _refused(lambda: ClassStats.load(path, backbone=OTHER_BACKBONE), str(path), "weights differ")
     newer = tmp_path / "newer.safetensors"
     save_tensors(newer, {"centres": stats.centres, "counts": stats.counts}, {"format": "sfmkern.ClassStats/2"})
-    with pytest.raises(ValueError) as exc:
-        ClassStats.load(newer)
-    _one_line(exc, str(newer), "'sfmkern.ClassStats/2' is not one this sfmkern reads", "re-run `sfmkern stats`")
+    _refused(lambda: ClassStats.load(newer), str(newer), "'sfmkern.ClassStats/2' is not one this sfmkern reads",
+             "re-run `sfmkern stats`")
 
 
 def test_distilled_set_refuses_other_statistics_and_backbone(tmp_path):
@@ -48,15 +52,11 @@ def test_distilled_set_refuses_other_statistics_and_backbone(tmp_path):
                       {"backbone": "net", "backbone_fingerprint": BACKBONE.fingerprint}, stats.fingerprint)
     path = ds.save(tmp_path / "distilled.safetensors")
     assert torch.equal(DistilledSet.load(path, stats=stats, backbone=BACKBONE).images, images)
-    with pytest.raises(ValueError) as exc:
-        DistilledSet.load(path, stats=other)
-    _one_line(exc, str(path), "statistics", "re-run `sfmkern distill`")
-    with pytest.raises(ValueError) as exc:
-        DistilledSet.load(path, backbone=OTHER_BACKBONE)
-    _one_line(exc, str(path), "backbone 'net'")
-    with pytest.raises(ValueError) as exc:
-        DistilledSet.load(stats.save(tmp_path / "s.safetensors"))  # a statistics file is no distilled set
-    _one_line(exc, "s.safetensors", "not a DistilledSet file", "re-run `sfmkern distill`")
+    _refused(lambda: DistilledSet.load(path, stats=other), str(path), "statistics", "re-run `sfmkern distill`")
+    _refused(lambda: DistilledSet.load(path, backbone=OTHER_BACKBONE), str(path), "backbone 'net'")
+    stats_file = stats.save(tmp_path / "s.safetensors")  # a statistics file is no distilled set
+    _refused(lambda: DistilledSet.load(stats_file), "s.safetensors", "not a DistilledSet file",
+             "re-run `sfmkern distill`")
 
 
 def test_head_reads_the_old_format_and_refuses_stale_statistics(tmp_path):
@@ -71,17 +71,11 @@ def test_head_reads_the_old_format_and_refuses_stale_statistics(tmp_path):
     assert torch.equal(head.weight, weight) and head.config["epochs"] == 10
     new = head.save(tmp_path / "new.head.safetensors")
     assert torch.equal(LinearHead.load(new, stats=stats).bias, bias)
-    with pytest.raises(ValueError) as exc:
-        LinearHead.load(new, stats=other)
-    _one_line(exc, str(new), "fitted on statistics", "refit it")
-    with pytest.raises(ValueError) as exc:
-        LinearHead.load(new, backbone=OTHER_BACKBONE)
-    _one_line(exc, str(new), "fitted on backbone 'net'")
+    _refused(lambda: LinearHead.load(new, stats=other), str(new), "fitted on statistics", "refit it")
+    _refused(lambda: LinearHead.load(new, backbone=OTHER_BACKBONE), str(new), "fitted on backbone 'net'")
     torn = tmp_path / "torn.head.safetensors"
     torn.write_bytes(new.read_bytes()[:50])
-    with pytest.raises(ValueError) as exc:
-        LinearHead.load(torn)
-    _one_line(exc, str(torn), "not a readable safetensors file")
+    _refused(lambda: LinearHead.load(torn), str(torn), "not a readable safetensors file")
 
 
 def test_feature_set_and_report_round_trip(tmp_path):
@@ -90,13 +84,9 @@ def test_feature_set_and_report_round_trip(tmp_path):
     path = fs.save(tmp_path / "f.safetensors", extra={"key": {"size": 32}})
     back = FeatureSet.load(path, backbone=BACKBONE)
     assert torch.equal(back.features, fs.features) and back.extra == {"key": {"size": 32}} and back.skipped == 1
-    with pytest.raises(ValueError) as exc:
-        FeatureSet.load(path, backbone=OTHER_BACKBONE)
-    _one_line(exc, str(path), "backbone 'net'")
+    _refused(lambda: FeatureSet.load(path, backbone=OTHER_BACKBONE), str(path), "backbone 'net'")
     report = EvalReport("sfm", "probe", "net", BACKBONE.fingerprint, 2, 4, [50.0, 60.0], [100.0, 100.0])
     saved = report.save(tmp_path / "r.json")
     assert EvalReport.load(saved).top1_mean == pytest.approx(55.0) and report.kind == "result"
     (tmp_path / "bad.json").write_text("{not json")
-    with pytest.raises(ValueError) as exc:
-        EvalReport.load(tmp_path / "bad.json")
-    _one_line(exc, "bad.json", "re-run `sfmkern eval --out`")
+    _refused(lambda: EvalReport.load(tmp_path / "bad.json"), "bad.json", "re-run `sfmkern eval --out`")

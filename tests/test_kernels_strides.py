@@ -91,13 +91,18 @@ def test_expanded_labels_and_features(path):
         assert counts.tolist() == [5, 5, 5] and torch.allclose(sums, 5 * expanded[:3], rtol=1e-6)
 
 
-def test_strided_counts_sums_flows_and_grads(path):
-    c, d = 5, 70
-    gen = torch.Generator().manual_seed(2)
+def _loss_inputs(c: int, d: int, *, seed: int):
+    """counts [C] in 1..8, class sums [C, D] of that many unit-variance rows, a real flow and an anchor (contiguous)."""
+    gen = torch.Generator().manual_seed(seed)
     counts = torch.randint(1, 9, (c,), generator=gen)
     sums = torch.randn(c, d, generator=gen) * counts[:, None]
     flow = ops.real_flow(torch.randn(c, d, generator=gen))
-    anchor = torch.randn(c, d, generator=gen)
+    return counts, sums, flow, torch.randn(c, d, generator=gen)
+
+
+def test_strided_counts_sums_flows_and_grads(path):
+    c, d = 5, 70
+    counts, sums, flow, anchor = _loss_inputs(c, d, seed=2)
     loss64, grad64 = reference.flow_loss_and_grad(sums.double(), counts, flow.double(), anchor=anchor.double(),
                                                   anchor_weight=0.5)
     transposed = {  # column-major copies: stride (1, C)
@@ -153,12 +158,7 @@ def test_loss_launcher_takes_strided_inputs(monkeypatch, config):
     from sfmkern.kernels import flow_loss_and_grad_triton
 
     monkeypatch.setenv("SFMKERN_GPU_LAUNCH", "1" if config == "gpu-launch" else "0")
-    c, d = 21, 70
-    gen = torch.Generator().manual_seed(6)
-    counts = torch.randint(1, 9, (c,), generator=gen)
-    sums = torch.randn(c, d, generator=gen) * counts[:, None]
-    flow = ops.real_flow(torch.randn(c, d, generator=gen))
-    anchor = torch.randn(c, d, generator=gen)
+    counts, sums, flow, anchor = _loss_inputs(21, 70, seed=6)
     for kwargs in ({}, {"anchor": anchor.t().contiguous().t(), "anchor_weight": 0.5}):
         kwargs64 = {k: v.double() if torch.is_tensor(v) else v for k, v in kwargs.items()}
         loss64, grad64 = reference.flow_loss_and_grad(sums.double(), counts, flow.double(), **kwargs64)

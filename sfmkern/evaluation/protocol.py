@@ -29,6 +29,7 @@ Test features are computed once per (test source, backbone, preprocessing) and r
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -234,16 +235,10 @@ def _run_probe(sets, backbone, test: FeatureSet, *, epochs, runs, seed, view_ban
                 return feats, labels_dev[idx.to(device)]
 
         head = heads.linear_head(backbone.feature_dim, n_classes, generator=gen, device=device)
-        t0 = time.perf_counter()
-        with nvtx_range("evaluate/train"):
-            heads.train_linear(head, batch_fn, schedule, loss="ce", generator=gen, progress=progress,
-                                desc=f"probe run {run + 1}/{runs}")
-        sync(device)
-        timings["train_s"] += time.perf_counter() - t0
-        t0 = time.perf_counter()
-        with nvtx_range("evaluate/test"):
-            a1, a5 = heads.accuracy(head, test.features, test.labels, ks=(1, 5), device=device)
-        timings["test_s"] += time.perf_counter() - t0
+        fit = functools.partial(heads.train_linear, head, batch_fn, schedule, loss="ce", generator=gen,
+                                progress=progress, desc=f"probe run {run + 1}/{runs}")
+        score = functools.partial(heads.accuracy, head, test.features, test.labels, ks=(1, 5), device=device)
+        a1, a5 = _fit_and_test(fit, score, device, timings)
         top1.append(a1)
         top5.append(a5)
     first = sets[0]
@@ -255,6 +250,22 @@ def _run_probe(sets, backbone, test: FeatureSet, *, epochs, runs, seed, view_ban
         storage={"images_bytes": first.storage_bytes}, timings={k: round(v, 3) for k, v in timings.items()},
         provenance={"image_shape": list(first.images.shape[1:]), **_jsonable(first.meta)},
     )
+
+
+def _fit_and_test(fit, score, device, timings: dict) -> tuple[float, float]:
+    """Train a head (`fit()`; None: nothing to train), then score it on the test features (`score()` -> (top-1,
+    top-5)); each part timed into `timings` ("train_s", "test_s") inside its NVTX range."""
+    t0 = time.perf_counter()
+    if fit is not None:
+        with nvtx_range("evaluate/train"):
+            fit()
+    sync(device)
+    timings["train_s"] += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    with nvtx_range("evaluate/test"):
+        result = score()
+    timings["test_s"] += time.perf_counter() - t0
+    return result
 
 
 def _bank(banks: dict, images: LabelledImages, backbones, *, run: int, view_bank, crop, scale, seed, feature_batch,
@@ -359,18 +370,11 @@ def _run_inherit(sets, backbone, test: FeatureSet, *, head, head_backbone, epoch
                     return backbone.features(x), head_backbone.features(x.to(head_backbone.device)).to(device)
 
         projector = heads.linear_projector(d_b, d_a, generator=gen, device=device)
-        t0 = time.perf_counter()
-        if schedule.total_steps:
-            with nvtx_range("evaluate/train"):
-                heads.train_linear(projector, batch_fn, schedule, loss="mse", generator=gen, progress=progress,
-                                    desc=f"projector run {run + 1}/{runs}")
-        sync(device)
-        timings["train_s"] += time.perf_counter() - t0
-        t0 = time.perf_counter()
-        with nvtx_range("evaluate/test"):
-            a1, a5 = heads.accuracy(lambda f, p=projector: on_device.logits(p(f)), test.features, test.labels,
-                                     ks=(1, 5), device=device)
-        timings["test_s"] += time.perf_counter() - t0
+        fit = functools.partial(heads.train_linear, projector, batch_fn, schedule, loss="mse", generator=gen,
+                                progress=progress, desc=f"projector run {run + 1}/{runs}")
+        score = functools.partial(heads.accuracy, lambda f, p=projector: on_device.logits(p(f)), test.features,
+                                  test.labels, ks=(1, 5), device=device)
+        a1, a5 = _fit_and_test(fit if schedule.total_steps else None, score, device, timings)
         top1.append(a1)
         top5.append(a5)
     protocol = protocol_dict(schedule, epochs=epochs, runs=runs, seed=seed, view_bank=view_bank, resize=resize,
