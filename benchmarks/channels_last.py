@@ -1,6 +1,6 @@
 """A convolutional backbone on channels-last vs the plain (NCHW) layout, side by side in one process, interleaved
 over rounds: forward + backward to the input (one distillation step's backbone work) and forward alone (statistics,
-test features), on the same inputs; the largest relative feature difference between the layouts is printed too.
+test features), on the same inputs; the relative difference (norm) of the features of the two layouts is printed too.
 
     python benchmarks/channels_last.py                           # efficientnet-lite0 at 128 px, 100 images (the demo)
     python benchmarks/channels_last.py --model resnet10t --res 64 --batch 16 --rounds 2 --no-append   # seconds

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # scripts/check.sh — every check CI runs after scripts/setup.sh, as one command (README's test command):
-#   ruff, then two lanes side by side (a 2-core machine runs the suite in about half the serial time):
+#   ruff, then two lanes side by side (on 2 cores the whole check takes about 63% of its serial time):
 #   tools   the decoder's robustness corpus under ASan + UBSan (scripts/asan_corpus.sh), the 60 s mutation fuzzer
 #           (scripts/fuzz_decoder.sh), the quick demo and its gate (exit 3 when an SFM row falls below random real)
 #           with a parse check of its report, the CPU-safe parts of the GPU check (scripts/gpu_check.sh --cpu), and
-#           kernel tests under Triton 3.6's interpreter (scripts/triton_compat.sh)
+#           kernel tests under Triton 3.6's interpreter (scripts/triton_compat.sh); it stops at its first failure
 #   pytest  the test suite (TRITON_INTERPRET=1, HF_HUB_OFFLINE=1)
-# The pytest lane streams to stdout; the tools lane writes a log that is printed when both are done (each step with
-# its time). Exit status 1 when any step of either lane failed. Nothing in the suite is timed against a wall clock
-# (no speed-up assertions), so the lanes can share the cores.
+# The pytest lane streams to stdout; the tools lane writes build/check-tools.log (kept), printed when both are done,
+# each step with its time. Exit status 1 when either lane failed; an interrupted check (Ctrl-C, TERM, or its
+# parent killed) stops both lanes. Nothing in the suite is timed against a wall clock (no speed-up assertions), so
+# the lanes can share the cores.
 #   bash scripts/check.sh            # both lanes at once
 #   bash scripts/check.sh --serial   # one lane after the other (a 1-core machine, or to read the output in order)
 #   bash scripts/check.sh --tools    # the tools lane only (no ruff);  --pytest [ARGS...]: the pytest lane only
@@ -19,7 +20,7 @@ case "${1:-}" in
   --serial) mode=serial; shift ;;
   --tools) mode=tools; shift ;;
   --pytest) mode=pytest; shift ;;
-  -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+  -h|--help) sed -n '2,15p' scripts/check.sh; exit 0 ;;
   "") ;;
   *) echo "check.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
 esac
@@ -61,7 +62,14 @@ pytest_lane() {
 }
 
 case "$mode" in
-  tools) tools_lane; rc=$?; echo "check: tools lane exit $rc in $(( $(date +%s) - start )) s"; exit "$rc" ;;
+  tools)
+    # started by the `both` mode in a session of its own: stop the whole session when that parent goes away
+    if [ -n "${CHECK_PARENT_PID:-}" ]; then
+      ( while kill -0 "$CHECK_PARENT_PID" 2>/dev/null; do sleep 2; done; kill -- -$$ 2>/dev/null ) &
+    fi
+    tools_lane; rc=$?
+    echo "check: tools lane exit $rc in $(( $(date +%s) - start )) s"
+    exit "$rc" ;;
   pytest) pytest_lane "$@"; exit $? ;;
 esac
 python3 -m ruff check . || { echo "check: ruff FAILED" >&2; exit 1; }
@@ -71,15 +79,25 @@ case "$mode" in
     pytest_lane; pytest_rc=$?
     ;;
   both)
-    log=$(mktemp)
-    # the tools lane in its own session, so that an interrupted check stops all of it
-    setsid bash "$0" --tools >"$log" 2>&1 &
+    mkdir -p build
+    log=build/check-tools.log
+    # the tools lane in a session of its own, so that an interrupted check can stop all of it
+    CHECK_PARENT_PID=$$ setsid bash scripts/check.sh --tools >"$log" 2>&1 &
     tools_pid=$!
-    trap 'kill -- -"$tools_pid" 2>/dev/null; rm -f "$log"' EXIT
-    trap 'exit 130' INT TERM
-    pytest_lane; pytest_rc=$?
+    pytest_lane &
+    pytest_pid=$!
+    stop_lanes() {
+      kill "$pytest_pid" 2>/dev/null
+      kill -- -"$tools_pid" 2>/dev/null
+      echo "check: interrupted; the tools lane's log so far ($log):" >&2
+      tail -n 40 "$log" >&2
+    }
+    trap 'stop_lanes; exit 130' INT
+    trap 'stop_lanes; exit 143' TERM
+    wait "$pytest_pid"; pytest_rc=$?
     wait "$tools_pid"; tools_rc=$?
-    echo "=============================== tools lane log ==============================="
+    trap - INT TERM
+    echo "=============================== tools lane log ($log) ==============================="
     cat "$log"
     ;;
 esac

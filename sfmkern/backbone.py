@@ -393,11 +393,11 @@ def load_backbone(name: str, *, pretrained: bool = True, checkpoint: str | os.Pa
     pretrained: load the weights (hub for timm names, pip package for `*_offline`); ignored when `checkpoint` is
     given. checkpoint: local safetensors/.pth loaded with a strict key and shape check. img_size: input side in
     pixels (ViTs are built at this size); default from the pretrained config. device: default CUDA if available.
-    channels_last: run on channels-last activations (None: for convolutional models, i.e. more than one Conv2d;
-    a ViT's patch embedding alone does not count). The weights, the fingerprint and the features are the same
-    up to float rounding; oneDNN's and cuDNN's channels-last convolutions are the fast ones (efficientnet-lite0 at
-    128 px, 100 images, 2 idle CPU cores: forward + backward 1.4-1.7x, forward alone 1.2-1.3x;
-    `benchmarks/channels_last.py`).
+    channels_last: run on channels-last activations (None: for convolutional models on the CPU, i.e. more than one
+    Conv2d, a ViT's patch embedding alone does not count; CLI --no-channels-last). The weights, the fingerprint and
+    the features are the same up to float rounding; oneDNN's channels-last convolutions are the fast ones on a CPU
+    (efficientnet-lite0 at 128 px, 100 images, 2 CPU cores: forward + backward 1.41x / 1.57x, forward alone
+    1.33x / 1.26x in two runs of `benchmarks/channels_last.py`). On CUDA it is off unless asked for (not measured).
     """
     import timm
     from timm.data import resolve_data_config
@@ -435,7 +435,7 @@ def load_backbone(name: str, *, pretrained: bool = True, checkpoint: str | os.Pa
     dev = _resolve_device(device)
     model = _freeze(model).to(dev)
     if channels_last is None:
-        channels_last = sum(isinstance(m, nn.Conv2d) for m in model.modules()) > 1
+        channels_last = dev.type == "cpu" and sum(isinstance(m, nn.Conv2d) for m in model.modules()) > 1
     backbone = Backbone(name, model, timm_name=spec.timm_name, feature_kind=spec.feature, mean=mean, std=std,
                         input_size=input_size, device=dev, weights=weights, channels_last=channels_last)
     if grad_checkpointing:

@@ -223,11 +223,26 @@ def test_channels_last_for_conv_nets_same_features_grads_and_fingerprint():
         torch.manual_seed(3)
         bb = load_backbone("resnet10t", pretrained=False, img_size=40, device="cpu", channels_last=cl)
         assert bb.channels_last is (cl is None)
+        convs = [m for m in bb.model.modules() if isinstance(m, torch.nn.Conv2d)]
+        layouts: list[bool] = []  # is each convolution's input channels-last? (size-1 dims fit either layout)
+
+        def record(_module, args, layouts=layouts):
+            t = args[0]
+            if t.shape[1] > 1 and t.shape[2] * t.shape[3] > 1:
+                layouts.append(t.is_contiguous(memory_format=torch.channels_last))
+
+        hooks = [m.register_forward_pre_hook(record) for m in convs]
         torch.manual_seed(4)
         x = torch.rand(3, 3, 40, 40, requires_grad=True)
         w = torch.randn(3, bb.feature_dim)
         f = bb.features(x)
         (f * w).sum().backward()
+        for h in hooks:
+            h.remove()
+        want = cl is None
+        spatial = [c for c in convs if c.weight.shape[1] > 1 and c.weight.shape[2] * c.weight.shape[3] > 1]
+        assert spatial and all(c.weight.is_contiguous(memory_format=torch.channels_last) is want for c in spatial)
+        assert len(layouts) >= len(spatial) and all(v is want for v in layouts), layouts
         outs[cl] = (f.detach().double(), x.grad.double(), bb.fingerprint)
         assert _params_untouched(bb.model)
     (f1, g1, fp1), (f0, g0, fp0) = outs[None], outs[False]

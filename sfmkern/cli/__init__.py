@@ -118,6 +118,7 @@ def _load_backbone(args, name: str | None = None, checkpoint=None):
             img_size=args.img_size,
             device=args.device,
             grad_checkpointing=bool(getattr(args, "grad_checkpointing", False)),
+            channels_last=False if getattr(args, "no_channels_last", False) else None,
         )
 
 

@@ -53,6 +53,8 @@ def _backbone_options(p: argparse.ArgumentParser, *, required: bool = True, defa
                    help="random weights, drawn with a fixed seed (tests); default: pretrained")
     g.add_argument("--img-size", type=int, metavar="PX", help="input size the model is built at (ViTs)")
     g.add_argument("--device", metavar="DEV", help="cpu, cuda, cuda:1 (default: CUDA when available)")
+    g.add_argument("--no-channels-last", action="store_true",
+                   help="keep a convolutional model's activations NCHW on the CPU (default: channels-last, faster)")
 
 
 def _default(fn, name: str):
@@ -249,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-per-class", type=int, metavar="N", help="test images per class (default: all)")
     p.add_argument("--ipc", type=int, nargs="+", help="images per class to distil (default 1 10)")
     p.add_argument("--steps", type=int, nargs="+",
-                   help="distillation steps, one per --ipc value (default 300 100 on CPU, 1000 1000 on CUDA)")
+                   help="distillation steps, one per --ipc value (default 200 60 on CPU, 1000 1000 on CUDA)")
     p.add_argument("--epochs", type=int, help="probe epochs")
     p.add_argument("--runs", type=int, help="probe seeds")
     p.add_argument("--view-bank", type=int, metavar="K", help="augmented views per image for the probe")
