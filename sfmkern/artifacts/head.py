@@ -47,13 +47,8 @@ class LinearHead:
         if len(self.classes) != self.weight.shape[0]:
             raise ValueError(f"head has {self.weight.shape[0]} outputs but {len(self.classes)} class names")
 
-    @property
-    def num_classes(self) -> int:
-        return int(self.weight.shape[0])
-
-    @property
-    def feature_dim(self) -> int:
-        return int(self.weight.shape[1])
+    num_classes = property(lambda self: int(self.weight.shape[0]), doc="C, the rows of `weight`")
+    feature_dim = property(lambda self: int(self.weight.shape[1]), doc="D, the columns of `weight`")
 
     @property
     def storage_bytes(self) -> int:

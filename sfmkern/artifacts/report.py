@@ -58,21 +58,10 @@ class EvalReport:
     def images_per_class(self) -> float:
         return self.num_train / max(1, self.num_classes)
 
-    @property
-    def top1_mean(self) -> float:
-        return _mean_std(self.top1)[0]
-
-    @property
-    def top1_std(self) -> float:
-        return _mean_std(self.top1)[1]
-
-    @property
-    def top5_mean(self) -> float:
-        return _mean_std(self.top5)[0]
-
-    @property
-    def top5_std(self) -> float:
-        return _mean_std(self.top5)[1]
+    top1_mean = property(lambda self: _mean_std(self.top1)[0], doc="mean top-1 % over the runs")
+    top1_std = property(lambda self: _mean_std(self.top1)[1], doc="std of top-1 % over the runs")
+    top5_mean = property(lambda self: _mean_std(self.top5)[0], doc="mean top-5 % over the runs")
+    top5_std = property(lambda self: _mean_std(self.top5)[1], doc="std of top-5 % over the runs")
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -48,13 +48,8 @@ class ClassStats:
     features_path: str | None = None
     run_info: dict = field(default_factory=dict)
 
-    @property
-    def num_classes(self) -> int:
-        return int(self.centres.shape[0])
-
-    @property
-    def feature_dim(self) -> int:
-        return int(self.centres.shape[1])
+    num_classes = property(lambda self: int(self.centres.shape[0]), doc="C, the rows of `centres`")
+    feature_dim = property(lambda self: int(self.centres.shape[1]), doc="D, the columns of `centres`")
 
     def _meta(self) -> dict:
         return {
