@@ -45,19 +45,21 @@ def check_classes(what_a: str, classes_a: Sequence[str], what_b: str, classes_b:
             raise ValueError(f"class names differ at label {i}: {what_a} has {x!r}, {what_b} has {y!r}")
 
 
-def check_backbone(what: str, name: str, fingerprint: str | None, backbone) -> None:
-    """Refuse (ValueError, one line) `backbone` when it is not the one (`name`, `fingerprint`) `what` records."""
+def check_backbone(what: str, name: str, fingerprint: str | None, backbone, *, how: str = "made with") -> None:
+    """Refuse (ValueError, one line) `backbone` when it is not the one (`name`, `fingerprint`) `what` records
+    ("<what> was <how> backbone ..., not <how's preposition> ...")."""
     if backbone is None or not fingerprint:
         return
     if backbone.fingerprint != fingerprint:
-        raise ValueError(f"{what} was made with backbone {name!r} ({short(fingerprint)}), not with "
+        raise ValueError(f"{what} was {how} backbone {name!r} ({short(fingerprint)}), not {how.split()[-1]} "
                          f"{backbone.name!r} ({short(backbone.fingerprint)})")
 
 
-def check_stats(what: str, fingerprint: str | None, stats) -> None:
-    """Refuse (ValueError, one line) `stats` when `what` records other statistics (`fingerprint`)."""
+def check_stats(what: str, fingerprint: str | None, stats, *, how: str = "made from", then: str = "") -> None:
+    """Refuse (ValueError, one line) `stats` when `what` records other statistics (`fingerprint`); `then` is appended
+    (what to do about it)."""
     if stats is None or not fingerprint:
         return
     if stats.fingerprint != fingerprint:
-        raise ValueError(f"{what} was made from statistics {short(fingerprint)}, not from these "
-                         f"({short(stats.fingerprint)})")
+        raise ValueError(f"{what} was {how} statistics {short(fingerprint)}, not {how.split()[-1]} these "
+                         f"({short(stats.fingerprint)}){then}")

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from sfmkern._io import save_tensors
-from sfmkern.artifacts._files import read_artifact, short
+from sfmkern.artifacts._files import check_backbone, check_stats, read_artifact
 
 FORMAT = "sfmkern.LinearHead/1"
 HEAD_KIND = "sfmkern.linear-head"  # what sfmkern 0.1 wrote instead of a format (still read)
@@ -65,21 +65,13 @@ class LinearHead:
 
     def check_backbone(self, backbone) -> None:
         """Raise ValueError unless `backbone` is the one this head was fitted on."""
-        if backbone.fingerprint != self.backbone_fingerprint:
-            raise ValueError(
-                f"this head was fitted on backbone {self.backbone_name!r} ({short(self.backbone_fingerprint)}), "
-                f"not on {backbone.name!r} ({short(backbone.fingerprint)})"
-            )
+        check_backbone("this head", self.backbone_name, self.backbone_fingerprint, backbone, how="fitted on")
 
     def check_stats(self, stats, *, where: str = "head") -> None:
         """Refuse (ValueError, one line) a head fitted beside statistics other than `stats` (a stale head); a head
         fitted from raw features (no statistics fingerprint) is accepted."""
-        fp = getattr(stats, "fingerprint", None)
-        if stats is not None and self.stats_fingerprint is not None and self.stats_fingerprint != fp:
-            raise ValueError(
-                f"{where} was fitted on statistics {short(self.stats_fingerprint)}, not on these ({short(fp)}): "
-                f"refit it (load_or_fit_head, or `sfmkern eval --mode inherit --stats` without --head)"
-            )
+        check_stats(where, self.stats_fingerprint, stats, how="fitted on",
+                    then=": refit it (load_or_fit_head, or `sfmkern eval --mode inherit --stats` without --head)")
 
     def save(self, path: str | os.PathLike) -> Path:
         """Atomically write the head as safetensors with its metadata (see `LinearHead.load`)."""
