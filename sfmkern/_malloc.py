@@ -32,9 +32,15 @@ _OFF = ("off", "0", "no", "false", "none")
 _state: dict = {"result": None}
 
 
+def env_switched_off(name: str) -> bool:
+    """True when environment variable `name` says off (off, 0, no, false, none; any case): sfmkern's opt-outs
+    (SFMKERN_MALLOC here, SFMKERN_THREADS in sfmkern._threads)."""
+    return os.environ.get(name, "").strip().lower() in _OFF
+
+
 def _user_choice() -> str | None:
     """Why malloc must be left alone (a one-line reason), or None."""
-    if os.environ.get(SWITCH_ENV, "").strip().lower() in _OFF:
+    if env_switched_off(SWITCH_ENV):
         return f"{SWITCH_ENV}=off"
     for name in _USER_ENVS:
         if name in os.environ:

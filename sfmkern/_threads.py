@@ -30,7 +30,6 @@ import time
 from sfmkern import _malloc
 
 SWITCH_ENV = "SFMKERN_THREADS"
-_OFF = ("off", "0", "no", "false", "none")
 _USER_THREAD_ENVS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 # what configure_at_import found: "passive" (exported OMP_WAIT_POLICY=PASSIVE), "user" (OMP_WAIT_POLICY already
@@ -39,7 +38,7 @@ _state: dict = {"mode": None}
 
 
 def _switched_off() -> bool:
-    return os.environ.get(SWITCH_ENV, "").strip().lower() in _OFF
+    return _malloc.env_switched_off(SWITCH_ENV)
 
 
 def configure_at_import() -> str:
