@@ -173,6 +173,13 @@ def _one_recipe(args, backbone, device, folder: Path, c: int, ipc: int):
         rate = f"{loader_rate[a]:.0f}" if method == "lgm" and a in loader_rate else "–"
         rows.append(f"| {c} | {ipc} | {name} | {a} | {c * ipc * a} | {per} | {end} | {rate} |")
     verdicts = []
+    for a in common.RECIPE_LGM_AUGS:  # is the loading hidden behind LGM's step on this device?
+        if a in loader_rate and med.get(("lgm", a)):
+            load_s, step_s = c * ipc * a / loader_rate[a], med[("lgm", a)]
+            verdicts.append(f"- recipe C={c}, ipc={ipc}, LGM (A={a}): its loader alone takes {load_s:.3f} s per step "
+                            f"for {c * ipc * a} JPEGs ({args.loader_workers} workers) against its {step_s:.3f} s step: "
+                            + ("hidden behind the step here (end to end ≈ per step)" if load_s < step_s
+                               else "the loader bounds LGM's end to end"))
     for a, goal_step, goal_e2e in ((3, 6, 8), (10, None, None)):
         t_lgm, mine = med.get(("lgm", a)), med.get((auto, 1))
         if not t_lgm or not mine:
@@ -206,6 +213,14 @@ def main() -> int:
     device = torch.device(args.device)
     os.environ.pop("TRITON_INTERPRET", None)
     torch.set_num_threads(args.threads)
+    malloc = "not applicable"
+    if device.type == "cpu":
+        # what `sfmkern distill` does on its first CPU phase; every method of this process shares it, LGM included
+        # (it helps LGM more: its larger transient activations page-fault more without it). SFMKERN_MALLOC=off to skip
+        from sfmkern import _malloc
+
+        _malloc.configure()
+        malloc = _malloc.describe()
     grid = common.parse_grid(args.grid)
 
     load_before = common.load_average()
@@ -281,7 +296,7 @@ def main() -> int:
         f"Device: {dev}; {common.versions()}; model {args.model} "
         f"({n_params / 1e6:.1f}M parameters, random weights), crop {args.crop}, "
         f"syn_res {args.syn_res}, two-phase chunk {args.chunk} views"
-        + (f", {args.threads} thread(s)" if device.type == "cpu" else "")
+        + (f", {args.threads} thread(s), {malloc} (shared by every method)" if device.type == "cpu" else "")
         + f"; median of {args.repeats} interleaved rounds after a warm-up round; one step = forward, backward and "
         f"Adam. Ratios: time / the faster sfmkern mode of the same configuration. "
         + (f"Measured bf16 matmul peak {peak / 1e12:.0f} TFLOP/s. " if peak else "")

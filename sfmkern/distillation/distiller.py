@@ -6,8 +6,10 @@ One step (`Distiller.step`):
                 (when one chunk holds every view);
   two-phase:    phase 1, per chunk of views without autograd: render only that chunk's images, augment, features,
                 `ops.class_sums` (all-reduced across ranks) -> `Distiller._loss_and_grad` gives L and G = dL/dμ̃;
-                phase 2, per chunk: render and augment again with autograd (same stored draws), features, and
-                back-propagate `ops.feature_grad(G, counts, labels)` = G[y]/n_y into that chunk's images only;
+                the last chunk runs with autograd and keeps its graph; phase 2: back-propagate
+                `ops.feature_grad(G, counts, labels)` = G[y]/n_y through that kept graph, then per other chunk render
+                and augment again with autograd (same stored draws), features, and back-propagate into that chunk's
+                images only (k chunks: k - 1 forwards recomputed; one chunk costs a single-phase step);
   lagged (opt-in): one pass, per chunk with autograd: features, add their class sums, back-propagate the G of the
                 previous step's class sums; after the pass (L, G) of this step's sums is kept for the next step. The
                 first step, and the first after a pyramid growth, is an exact two-phase step ->
@@ -383,26 +385,44 @@ class Distiller:
         return loss.detach()
 
     def _two_phase(self, views: augment.Views, *, keep_grad: bool = False) -> torch.Tensor:
+        """Phase 1 adds up the class sums chunk by chunk, the last chunk with autograd and its graph kept; after the
+        loss, phase 2 back-propagates G through that kept graph first, then recomputes the other chunks with
+        autograd. Exact (the same sums and G as one batch); one chunk's activations at a time; the last chunk's
+        forward is never recomputed (with one chunk the step costs what the single-phase step does)."""
         ops = self.ops
         bounds = self._chunk_bounds()
         sums = torch.zeros(self.num_classes, self.real_flow.shape[1], dtype=torch.float32, device=self.device)
         counts = torch.zeros(self.num_classes, dtype=torch.int64, device=self.device)
-        with nvtx_range("distill/phase-1"), torch.no_grad():
-            for v0, v1 in bounds:
-                lo, hi, part = self._chunk_views(views, v0, v1)
-                with nvtx_range("distill/render"):
-                    images = self.images.render(lo, hi)
-                feats = self.backbone.features(self._augment(images, part))
-                chunk_sums, chunk_counts = ops.class_sums(feats, self.view_labels[v0:v1], self.num_classes,
-                                                          sorted_labels=True)
-                sums += chunk_sums
-                counts += chunk_counts
-                del images, feats
+        with nvtx_range("distill/phase-1"):
+            with torch.no_grad():
+                for v0, v1 in bounds[:-1]:
+                    lo, hi, part = self._chunk_views(views, v0, v1)
+                    with nvtx_range("distill/render"):
+                        images = self.images.render(lo, hi)
+                    feats = self.backbone.features(self._augment(images, part))
+                    chunk_sums, chunk_counts = ops.class_sums(feats, self.view_labels[v0:v1], self.num_classes,
+                                                              sorted_labels=True)
+                    sums += chunk_sums
+                    counts += chunk_counts
+                    del images, feats
+            last_v0, last_v1 = bounds[-1]  # the last chunk: with autograd, its graph kept for phase 2
+            last_lo, last_hi, part = self._chunk_views(views, last_v0, last_v1)
+            images, last_leaves = self._render_leaves(last_lo, last_hi)
+            last_feats = self._autograd_features(images, part)
+            del images
+            last_labels = self.view_labels[last_v0:last_v1]
+            chunk_sums, chunk_counts = ops.class_sums(last_feats.detach(), last_labels, self.num_classes,
+                                                      sorted_labels=True)
+            sums += chunk_sums
+            counts += chunk_counts
         with nvtx_range("distill/loss"):
             self._all_reduce(sums, counts)
             loss, grad_mu = self._loss_and_grad(sums, counts)
         with nvtx_range("distill/phase-2"):
-            for v0, v1 in bounds:
+            last_feats.backward(ops.feature_grad(grad_mu, counts, last_labels, dtype=last_feats.dtype))
+            self._accumulate(last_lo, last_hi, last_leaves)
+            del last_feats, last_leaves
+            for v0, v1 in bounds[:-1]:
                 lo, hi, part = self._chunk_views(views, v0, v1)
                 images, leaves = self._render_leaves(lo, hi)
                 feats = self._autograd_features(images, part)

@@ -100,6 +100,16 @@ def _flops_per_view(backbone, views: int, crop: int, checkpointing: bool) -> tup
     return forward / views, counter.get_total_flops() / views
 
 
+def step_flops(mode: str, views: int, chunk: int, forward: float, forward_backward: float) -> float:
+    """FLOPs of one step of `mode` over `views` views in chunks of `chunk`, from the per-view FLOPs of a forward
+    without autograd and of a forward + backward to the input: single and lagged run every view once with autograd;
+    two-phase also runs a forward without autograd for every chunk but the last (whose graph it keeps)."""
+    if mode != "two_phase":
+        return views * forward_backward
+    last = views - chunk * ((views - 1) // chunk)
+    return views * forward_backward + (views - last) * forward
+
+
 def _probe_distiller(backbone, num_classes: int, ipc: int, augs: int, crop: int, syn_res: int, param: str,
                      chunk: int | None, seed: int = 0) -> Distiller:
     gen = torch.Generator().manual_seed(seed)
@@ -172,8 +182,7 @@ def plan(backbone, num_classes: int, *, ipc: int = DistillConfig.ipc, augs: int 
     step_bytes = int(images_bytes + active * bytes_per_view(checkpointing) / PROBE_TRANSIENT * _PEAK_TRANSIENT)
 
     forward, forward_backward = _flops_per_view(backbone, min(2, views), crop, checkpointing)
-    per_step = {"single": forward_backward, "two_phase": forward + forward_backward, "lagged": forward_backward}
-    flops = views * per_step[mode]
+    flops = step_flops(mode, views, chunk, forward, forward_backward)
 
     seconds, source = None, "not estimated"
     if measure_steps > 0:
@@ -190,9 +199,11 @@ def plan(backbone, num_classes: int, *, ipc: int = DistillConfig.ipc, augs: int 
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             times.append(time.perf_counter() - t0)
-        seconds = min(times) * views / timed.num_views  # the best of a few: what the device does when not shared
-        source = (f"measured: best of {measure_steps} probe steps of {timed.num_views} views on {dev}, scaled to "
-                  f"{views} views")
+        # the best of a few (what the device does when not shared), scaled by FLOPs to the run's views and chunks
+        probe_flops = step_flops(mode, timed.num_views, timed.resolve_chunk_size(), forward, forward_backward)
+        seconds = min(times) * flops / probe_flops
+        source = (f"measured: best of {measure_steps} probe steps of {timed.num_views} views on {dev}, scaled by "
+                  f"FLOPs to {views} views")
     elif tflops is not None:
         seconds, source = flops / (tflops * 1e12), f"at {tflops:g} TFLOP/s"
     return Plan(backbone=getattr(backbone, "name", str(backbone)), device=str(dev), num_classes=num_classes,
