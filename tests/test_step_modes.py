@@ -190,3 +190,46 @@ def test_lagged_resume_from_checkpoint_is_identical(flow, backbone, tmp_path):
     for _ in range(2):
         blank.step("lagged")
     assert any(not torch.equal(a, b) for a, b in zip(straight.parameters(), blank.parameters(), strict=True))
+
+
+# ------------------------------------------------------------------------------------------- one chunk alive at a time
+class _Saved:
+    """A tensor autograd saved for backward, counted in `live` until autograd lets go of it."""
+
+    def __init__(self, t, live, peak):
+        self.t, self.live, self.nbytes = t, live, t.numel() * t.element_size()
+        live[0] += self.nbytes
+        peak[0] = max(peak[0], live[0])
+
+    def __del__(self):
+        self.live[0] -= self.nbytes
+
+
+def _peak_saved_bytes(d, mode, views):
+    """The most bytes of non-weight tensors saved for backward that are alive at once during one step of `mode`."""
+    weights = {p.data_ptr() for p in d.backbone.model.parameters()}
+    live, peak = [0], [0]
+
+    def pack(t):
+        return t if t.data_ptr() in weights else _Saved(t, live, peak)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda s: s if isinstance(s, torch.Tensor) else s.t):
+        d.forward_backward(mode, views)
+    assert live[0] == 0  # every saved activation was released by the end of the step
+    return peak[0]
+
+
+@pytest.mark.parametrize("mode", ["two_phase", "lagged"])
+def test_memory_flat_modes_keep_one_chunk_of_activations_alive(flow, backbone, mode):
+    # 16 views in chunks of 4: single-phase saves all 16 views' activations at once; the memory-flat modes (two-phase
+    # keeping its last chunk's graph from phase 1 into phase 2, lagged after its first exact step) one chunk's
+    d = _distiller(flow, backbone, ipc=2, augs=2, chunk_size=4)
+    views = d.draw_views()
+    two = flow[:2] - flow[:2].mean(0)  # 2 classes x 1 image x 2 views: one chunk of the same shape, single-phase
+    one_chunk = _peak_saved_bytes(_distiller(two, backbone, ipc=1, augs=2, chunk_size=4), "single", None)
+    everything = _peak_saved_bytes(d, "single", views)
+    assert everything > 3.5 * one_chunk
+    if mode == "lagged":
+        d.forward_backward("lagged", views)  # the first lagged step is an exact two-phase step
+    flat = _peak_saved_bytes(d, mode, views)
+    assert 0.9 * one_chunk <= flat <= 1.1 * one_chunk, (flat, one_chunk, everything)
