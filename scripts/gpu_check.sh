@@ -10,7 +10,8 @@
 # GPU_CHECK_BUDGET (seconds for all parts: 480 on a GPU, 3000 in CPU mode), GPU_CHECK_LOG_DIR (per-part logs, the
 # appended RESULTS.md text and summary.md; default a fresh /tmp dir), GPU_CHECK_GIT_SHA (used when .git is not
 # there), GPU_CHECK_MODEL (default vit_base_patch14_dinov2), GPU_CHECK_RUNTIME_GRID / GPU_CHECK_MEMORY_GRID (CxIPCxA
-# lists), GPU_CHECK_CHUNK (two-phase chunk, default 128 views), GPU_CHECK_KERNEL_TESTS (more test files, compiled).
+# lists), GPU_CHECK_RECIPES (CxIPC list of the recipe rows, default 100x1), GPU_CHECK_CHUNK (two-phase chunk, default
+# 128 views), GPU_CHECK_KERNEL_TESTS (more test files, compiled).
 # Installs nothing and reaches no network: it runs on the python3 it finds (torch 2.11 + Triton 3.6 as on the lent
 # H200 machines, or the pinned torch 2.14 + Triton 3.8), builds the C++ decoder only if it is missing and cmake,
 # pkg-config, libturbojpeg and libspng are there, and otherwise skips the one part that needs it (stats), saying so.
@@ -38,7 +39,9 @@
 #   kernels    42 s: copy bandwidth, class_sums, sfm_loss (torch eager, torch.compile, sfmkern)              cap 150 s
 #   runtime    ~100 s: 5 methods at 100x1x3 measured 0.4-0.5 s/step, at 1000x1x1 3.1-3.4 s/step (LGM OOM); 3
 #              rounds (warm-up, timed, FLOP count) + model load + 8192³ matmul peak. 1000x10x1 (10,000 views,
-#              ~35 s per two-phase step) does not fit: name it in GPU_CHECK_RUNTIME_GRID to run it    cap 150 s
+#              ~35 s per two-phase step) does not fit: name it in GPU_CHECK_RUNTIME_GRID to run it; since
+#              2026-11-30 (not yet run on a GPU) also the recipe rows at C=100, ipc=1 (GPU_CHECK_RECIPES): LGM
+#              at A=10 / 3 with its JPEG loader vs sfmkern at A=1, est. +60 s                          cap 210 s
 #   memory     ~170 s (est.): one process per (method, config), ~15 s each measured at C=100             cap 180 s
 #   stats      16 s measured with 1024 JPEGs, 2 repeats; now 2048 JPEGs, a warm-up pass and 3 repeats, ~35 s  cap 90 s
 #   profile    ~60 s (est.): one step at C=1000 under torch.profiler, the fused loss under cProfile        cap 120 s
@@ -158,6 +161,7 @@ MODEL=${GPU_CHECK_MODEL:-vit_base_patch14_dinov2}
 CHUNK=${GPU_CHECK_CHUNK:-128}
 RUNTIME_GRID=${GPU_CHECK_RUNTIME_GRID:-100x1x3 1000x1x1}
 MEMORY_GRID=${GPU_CHECK_MEMORY_GRID:-100x1x3 1000x1x1}
+RECIPES=${GPU_CHECK_RECIPES:-100x1}  # the recipe rows (LGM at A=10 / 3 vs sfmkern at A=1) for these CxIPC
 NOAPP=(); [ "$APPEND" = 0 ] && NOAPP=(--no-append)
 # the test files with GPU tests; without the decoder, those that import sfmkern.data would fail to collect
 GPU_TESTS=$(grep -l "pytest.mark.gpu" tests/test_*.py | tr '\n' ' ')
@@ -178,12 +182,14 @@ for part in $PARTS; do
         run_part kernels 150 env -u TRITON_INTERPRET bash -c "cd benchmarks && '$PY' kernels.py --quick ${NOAPP[*]}" ;;
       runtime)
         # shellcheck disable=SC2086
-        run_part runtime 150 env -u TRITON_INTERPRET "$PY" benchmarks/runtime.py --model "$MODEL" --crop 224 \
-          --syn-res 256 --chunk "$CHUNK" --grid $RUNTIME_GRID --repeats 1 --device cuda "${NOAPP[@]}" ;;
+        run_part runtime 210 env -u TRITON_INTERPRET "$PY" benchmarks/runtime.py --model "$MODEL" --crop 224 \
+          --syn-res 256 --chunk "$CHUNK" --grid $RUNTIME_GRID --recipes $RECIPES --repeats 1 --device cuda \
+          "${NOAPP[@]}" ;;
       memory)
         # shellcheck disable=SC2086
         run_part memory 180 env -u TRITON_INTERPRET "$PY" benchmarks/memory.py --model "$MODEL" --crop 224 \
-          --syn-res 256 --chunk "$CHUNK" --grid $MEMORY_GRID --steps 1 --device cuda "${NOAPP[@]}" ;;
+          --syn-res 256 --chunk "$CHUNK" --grid $MEMORY_GRID --recipes $RECIPES --steps 1 --device cuda \
+          "${NOAPP[@]}" ;;
       profile)
         run_part profile 120 env -u TRITON_INTERPRET bash -c "cd benchmarks && '$PY' profile_step.py --model '$MODEL' \
           --crop 224 --syn-res 256 --chunk '$CHUNK' --grid 1000x1x1 --methods sfm_single --loss 1000 --device cuda" ;;
