@@ -215,8 +215,8 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     malloc = "not applicable"
     if device.type == "cpu":
-        # what `sfmkern distill` does on its first CPU phase; every method of this process shares it, LGM included
-        # (it helps LGM more: its larger transient activations page-fault more without it). SFMKERN_MALLOC=off to skip
+        # what `sfmkern distill` does on its first CPU phase; every method of this process shares it, LGM included.
+        # SFMKERN_MALLOC=off skips it (measured at --quick: the recipe ratios did not change, RESULTS.md 2026-11-30)
         from sfmkern import _malloc
 
         _malloc.configure()

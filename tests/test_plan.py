@@ -66,7 +66,7 @@ def test_flops_and_time_scale_with_the_mode_and_the_views(backbone):
 def test_two_phase_flops_match_a_counted_step(backbone, views, chunk):
     from torch.utils.flop_counter import FlopCounterMode
 
-    p = sfmkern.plan(backbone, views, crop=32, syn_res=32, mode="two_phase", chunk_size=chunk)
+    p = sfmkern.plan(backbone, views, ipc=1, augs=1, crop=32, syn_res=32, mode="two_phase", chunk_size=chunk)
     flow = torch.randn(views, backbone.feature_dim)
     d = Distiller(flow - flow.mean(0), backbone,
                   config=DistillConfig(ipc=1, augs=1, crop=32, syn_res=32, grow_every=0, chunk_size=chunk))
@@ -75,7 +75,7 @@ def test_two_phase_flops_match_a_counted_step(backbone, views, chunk):
     # the plan counts the backbone only; the step also counts the pyramid's upsampling products (about 0.5% here),
     # while a forward too many or too few would be 6% (12, 5), 7% (10, 4) or 50% (10, 10) off
     assert p.flops_per_step == pytest.approx(counter.get_total_flops(), rel=0.02)
-    single = sfmkern.plan(backbone, views, crop=32, syn_res=32, mode="single")
+    single = sfmkern.plan(backbone, views, ipc=1, augs=1, crop=32, syn_res=32, mode="single")
     assert (p.flops_per_step == pytest.approx(single.flops_per_step)) == (chunk >= views)
 
 
