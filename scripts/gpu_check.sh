@@ -40,9 +40,11 @@
 #   runtime    ~100 s: 5 methods at 100x1x3 measured 0.4-0.5 s/step, at 1000x1x1 3.1-3.4 s/step (LGM OOM); 3
 #              rounds (warm-up, timed, FLOP count) + model load + 8192³ matmul peak. 1000x10x1 (10,000 views,
 #              ~35 s per two-phase step) does not fit: name it in GPU_CHECK_RUNTIME_GRID to run it; since
-#              2026-11-30 (not yet run on a GPU) also the recipe rows at C=100, ipc=1 (GPU_CHECK_RECIPES): LGM
-#              at A=10 / 3 with its JPEG loader vs sfmkern at A=1, est. +60 s                          cap 210 s
-#   memory     ~170 s (est.): one process per (method, config), ~15 s each measured at C=100             cap 180 s
+#              2026-11-30 (not yet run on a GPU) only the recipe rows at C=100, ipc=1 (GPU_CHECK_RECIPES;
+#              before, the FULL preset's four recipes, up to C=1000, ipc=10, were asked for): LGM at A=10 / 3
+#              with its JPEG loader vs sfmkern at A=1, est. +60 s                                    cap 210 s
+#   memory     ~170 s (est.): one process per (method, config), ~15 s each measured at C=100; no recipe rows
+#              (before 2026-11-30 evening the FULL preset's four recipes were asked for here too)       cap 180 s
 #   stats      16 s measured with 1024 JPEGs, 2 repeats; now 2048 JPEGs, a warm-up pass and 3 repeats, ~35 s  cap 90 s
 #   profile    ~60 s (est.): one step at C=1000 under torch.profiler, the fused loss under cProfile        cap 120 s
 #   total      ~8 min; GPU_CHECK_BUDGET=480 s stops the parts there (each left out counts as a failure).
@@ -188,8 +190,7 @@ for part in $PARTS; do
       memory)
         # shellcheck disable=SC2086
         run_part memory 180 env -u TRITON_INTERPRET "$PY" benchmarks/memory.py --model "$MODEL" --crop 224 \
-          --syn-res 256 --chunk "$CHUNK" --grid $MEMORY_GRID --recipes $RECIPES --steps 1 --device cuda \
-          "${NOAPP[@]}" ;;
+          --syn-res 256 --chunk "$CHUNK" --grid $MEMORY_GRID --recipes --steps 1 --device cuda "${NOAPP[@]}" ;;
       profile)
         run_part profile 120 env -u TRITON_INTERPRET bash -c "cd benchmarks && '$PY' profile_step.py --model '$MODEL' \
           --crop 224 --syn-res 256 --chunk '$CHUNK' --grid 1000x1x1 --methods sfm_single --loss 1000 --device cuda" ;;
