@@ -149,7 +149,8 @@ def _one_recipe(args, backbone, device, folder: Path, c: int, ipc: int):
         t0 = time.perf_counter()
         for _ in range(2):
             next(loader)
-        loader_rate[a] = 2 * c * ipc * a / (time.perf_counter() - t0)  # queue empty at start: the loader alone
+        # the loader alone (its workers start and prefetch when the iterator is made, so a slight overestimate)
+        loader_rate[a] = 2 * c * ipc * a / (time.perf_counter() - t0)
         steps = []
         for k in range(args.repeats + 2):
             common.sync(device)

@@ -132,7 +132,8 @@ def plan(backbone, num_classes: int, *, ipc: int = DistillConfig.ipc, augs: int 
     crop: the backbone's input side (default: its input size); syn_res: the images' side (default 256, or crop when
     that is larger). max_memory: bytes or "80GiB" (default: 85% of the free memory on CUDA, none on CPU). tflops: the
     sustained rate to convert FLOPs into seconds; measure_steps > 0: time that many probe steps of the chosen mode
-    (one chunk of views, after one warm-up step) on the backbone's device and scale the best to the run's views.
+    (one chunk of views for single-phase, two chunks for two-phase and lagged, after one warm-up step) on the
+    backbone's device and scale the best to the run's FLOPs.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -186,7 +187,10 @@ def plan(backbone, num_classes: int, *, ipc: int = DistillConfig.ipc, augs: int 
 
     seconds, source = None, "not estimated"
     if measure_steps > 0:
-        classes = max(2, math.ceil(active / (ipc * augs)))
+        # the chunked modes are timed over two chunks (when the run has them), so that two-phase's forward without
+        # autograd and both modes' per-chunk costs are measured, not only extrapolated; memory stays one chunk's
+        probe_views = min(views, 2 * active) if mode in ("two_phase", "lagged") else active
+        classes = max(2, math.ceil(probe_views / (ipc * augs)))
         timed = _probe_distiller(backbone, classes, ipc, augs, crop, syn_res, param, active)
         timed.checkpointing = checkpointing
         timed.step(mode)  # warm-up (and the exact first step of "lagged")
