@@ -372,16 +372,38 @@ class Distiller:
         chunk = self.resolve_chunk_size()
         return [(v0, min(v0 + chunk, self.num_views)) for v0 in range(0, self.num_views, chunk)]
 
+    def _chunk_graph(self, views: augment.Views, v0: int, v1: int):
+        """Views [v0, v1) rendered and augmented with autograd from fresh leaves of their images' levels ->
+        (features, rows), rows = (lo, hi, leaves) for `_backprop`."""
+        lo, hi, part = self._chunk_views(views, v0, v1)
+        images, leaves = self._render_leaves(lo, hi)
+        return self._autograd_features(images, part), (lo, hi, leaves)
+
+    def _add_class_sums(self, sums: torch.Tensor, counts: torch.Tensor, feats: torch.Tensor, v0: int, v1: int):
+        """Add the per-class feature sums and view counts of views [v0, v1) (`feats`) into `sums`, `counts`."""
+        chunk_sums, chunk_counts = self.ops.class_sums(feats.detach(), self.view_labels[v0:v1], self.num_classes,
+                                                       sorted_labels=True)
+        sums += chunk_sums
+        counts += chunk_counts
+
+    def _backprop(self, feats: torch.Tensor, grad_mu: torch.Tensor, counts: torch.Tensor, v0: int, v1: int,
+                  rows) -> None:
+        """Back-propagate G[y]/n_y of views [v0, v1) through `feats` into the levels' grads of `rows`' images."""
+        feats.backward(self.ops.feature_grad(grad_mu, counts, self.view_labels[v0:v1], dtype=feats.dtype))
+        self._accumulate(*rows)
+
+    def _new_sums(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.zeros(self.num_classes, self.real_flow.shape[1], dtype=torch.float32, device=self.device),
+                torch.zeros(self.num_classes, dtype=torch.int64, device=self.device))
+
     def _single_phase(self, views: augment.Views) -> torch.Tensor:
-        ops = self.ops
-        images, leaves = self._render_leaves(0, len(self.images))
-        feats = self._autograd_features(images, views)
+        feats, rows = self._chunk_graph(views, 0, self.num_views)
         with nvtx_range("distill/loss"):
-            sums, counts = ops.class_sums(feats.detach(), self.view_labels, self.num_classes, sorted_labels=True)
+            sums, counts = self.ops.class_sums(feats.detach(), self.view_labels, self.num_classes,
+                                               sorted_labels=True)
             self._all_reduce(sums, counts)
             loss, grad_mu = self._loss_and_grad(sums, counts)
-        feats.backward(ops.feature_grad(grad_mu, counts, self.view_labels, dtype=feats.dtype))
-        self._accumulate(0, len(self.images), leaves)
+        self._backprop(feats, grad_mu, counts, 0, self.num_views, rows)
         return loss.detach()
 
     def _two_phase(self, views: augment.Views, *, keep_grad: bool = False) -> torch.Tensor:
@@ -389,47 +411,29 @@ class Distiller:
         loss, phase 2 back-propagates G through that kept graph first, then recomputes the other chunks with
         autograd. Exact (the same sums and G as one batch); one chunk's activations at a time; the last chunk's
         forward is never recomputed (with one chunk the step costs what the single-phase step does)."""
-        ops = self.ops
         bounds = self._chunk_bounds()
-        sums = torch.zeros(self.num_classes, self.real_flow.shape[1], dtype=torch.float32, device=self.device)
-        counts = torch.zeros(self.num_classes, dtype=torch.int64, device=self.device)
+        sums, counts = self._new_sums()
         with nvtx_range("distill/phase-1"):
             with torch.no_grad():
                 for v0, v1 in bounds[:-1]:
                     lo, hi, part = self._chunk_views(views, v0, v1)
                     with nvtx_range("distill/render"):
                         images = self.images.render(lo, hi)
-                    feats = self.backbone.features(self._augment(images, part))
-                    chunk_sums, chunk_counts = ops.class_sums(feats, self.view_labels[v0:v1], self.num_classes,
-                                                              sorted_labels=True)
-                    sums += chunk_sums
-                    counts += chunk_counts
-                    del images, feats
-            last_v0, last_v1 = bounds[-1]  # the last chunk: with autograd, its graph kept for phase 2
-            last_lo, last_hi, part = self._chunk_views(views, last_v0, last_v1)
-            images, last_leaves = self._render_leaves(last_lo, last_hi)
-            last_feats = self._autograd_features(images, part)
-            del images
-            last_labels = self.view_labels[last_v0:last_v1]
-            chunk_sums, chunk_counts = ops.class_sums(last_feats.detach(), last_labels, self.num_classes,
-                                                      sorted_labels=True)
-            sums += chunk_sums
-            counts += chunk_counts
+                    self._add_class_sums(sums, counts, self.backbone.features(self._augment(images, part)), v0, v1)
+                    del images
+            last = bounds[-1]  # the last chunk: with autograd, its graph kept for phase 2
+            last_feats, last_rows = self._chunk_graph(views, *last)
+            self._add_class_sums(sums, counts, last_feats, *last)
         with nvtx_range("distill/loss"):
             self._all_reduce(sums, counts)
             loss, grad_mu = self._loss_and_grad(sums, counts)
         with nvtx_range("distill/phase-2"):
-            last_feats.backward(ops.feature_grad(grad_mu, counts, last_labels, dtype=last_feats.dtype))
-            self._accumulate(last_lo, last_hi, last_leaves)
-            del last_feats, last_leaves
+            self._backprop(last_feats, grad_mu, counts, *last, last_rows)
+            del last_feats, last_rows
             for v0, v1 in bounds[:-1]:
-                lo, hi, part = self._chunk_views(views, v0, v1)
-                images, leaves = self._render_leaves(lo, hi)
-                feats = self._autograd_features(images, part)
-                labels = self.view_labels[v0:v1]
-                feats.backward(ops.feature_grad(grad_mu, counts, labels, dtype=feats.dtype))
-                self._accumulate(lo, hi, leaves)
-                del images, feats, leaves
+                feats, rows = self._chunk_graph(views, v0, v1)
+                self._backprop(feats, grad_mu, counts, v0, v1, rows)
+                del feats, rows
         if keep_grad:
             self._lagged = (grad_mu, counts, self.images.num_levels)
         return loss.detach()
@@ -440,23 +444,15 @@ class Distiller:
         pyramid grew since (the images changed outside Adam). Returns this step's exact loss."""
         if self._lagged is None or self._lagged[2] != self.images.num_levels:
             return self._two_phase(views, keep_grad=True)
-        ops = self.ops
         grad_prev, counts_prev, _ = self._lagged
-        sums = torch.zeros(self.num_classes, self.real_flow.shape[1], dtype=torch.float32, device=self.device)
-        counts = torch.zeros(self.num_classes, dtype=torch.int64, device=self.device)
+        sums, counts = self._new_sums()
         with nvtx_range("distill/lagged"):
             for v0, v1 in self._chunk_bounds():
-                lo, hi, part = self._chunk_views(views, v0, v1)
-                images, leaves = self._render_leaves(lo, hi)
-                feats = self._autograd_features(images, part)
-                labels = self.view_labels[v0:v1]
-                chunk_sums, chunk_counts = ops.class_sums(feats.detach(), labels, self.num_classes, sorted_labels=True)
-                sums += chunk_sums
-                counts += chunk_counts
+                feats, rows = self._chunk_graph(views, v0, v1)
+                self._add_class_sums(sums, counts, feats, v0, v1)
                 # the view counts per class are the same every step: the previous step's global counts apply
-                feats.backward(ops.feature_grad(grad_prev, counts_prev, labels, dtype=feats.dtype))
-                self._accumulate(lo, hi, leaves)
-                del images, feats, leaves
+                self._backprop(feats, grad_prev, counts_prev, v0, v1, rows)
+                del feats, rows
         with nvtx_range("distill/loss"):
             self._all_reduce(sums, counts)
             loss, grad_mu = self._loss_and_grad(sums, counts)
